@@ -1,0 +1,3 @@
+from tinytune.cli import main
+
+raise SystemExit(main())

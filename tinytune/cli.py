@@ -1,0 +1,123 @@
+"""Command line: one dispatch table.
+
+    tinytune [train] [--vram 12GB] [options]   train an adapter (the default command)
+    tinytune export RUN_DIR --out DIR          merge into the base and write an HF model directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tinytune import __version__
+from tinytune.config import TrainConfig, parse_vram
+from tinytune.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train an adapter (default command)", description="Train an adapter.")
+    d = TrainConfig()
+    p.add_argument("--model", help="HF model directory, model id in the local HF cache, or a .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="JSONL (alpaca, chat or text records) or .txt file (default: the bundled demo set)")
+    p.add_argument("--out", help="run directory (default: runs/<time>-<model>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--vram", help="GPU memory budget, e.g. 12GB, 12 GB, 12GiB, 12000MiB, 12g (GB = GiB = 2^30 bytes)")
+    p.add_argument("--bits", type=int, default=d.bits, help="base weights: 4 (NF4 + double quant), 8 (LLM.int8), 16")
+    p.add_argument("--technique", default=d.technique, help="adapter technique (default: lora)")
+    p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names, or all-linear")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: twice the rank)")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank) (rsLoRA)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="truncate examples to this many tokens")
+    p.add_argument("--batch", dest="micro_batch", type=int, default=d.micro_batch, help="micro-batch size")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 2; on a CPU at most 30 steps)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--optim", default=d.optim, help="paged-adamw-8bit (default), paged-adamw-32bit or adamw")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share for eval loss")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evals (0: four per run)")
+    p.add_argument("--train-on-prompt", action="store_true", help="also compute the loss on prompt tokens")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--no-sample", dest="sample", action="store_false", help="skip the before/after generation sample")
+    return p
+
+
+def _export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="merge a run's adapter into fp16 weights (HF directory)")
+    p.add_argument("run_dir", help="a training run directory")
+    p.add_argument("--out", required=True, help="directory to write the merged model to")
+    p.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
+    p.add_argument("--max-shard-size", default="200MB", help="safetensors shard size (default 200MB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def cmd_train(args) -> int:
+    from tinytune import train
+
+    cfg = TrainConfig(
+        model=args.model, data=args.data, out=args.out, overwrite=args.overwrite,
+        vram=parse_vram(args.vram) if args.vram is not None else None, bits=args.bits,
+        technique=args.technique, targets=tuple(t.strip() for t in args.targets.split(",")),
+        rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        dropout=args.dropout, rslora=args.rslora, seq_len=args.seq_len, micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, epochs=args.epochs, seed=args.seed,
+        optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, eval_fraction=args.eval_fraction,
+        eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, device=args.device, sample=args.sample,
+    )
+    train.run(cfg)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from tinytune.export import export
+
+    export(Path(args.run_dir), Path(args.out), dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    return 0
+
+
+COMMANDS = {"train": (_train_parser, cmd_train), "export": (_export_parser, cmd_export)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tinytune", description="Quantized, low-memory LLM fine-tuning for consumer GPUs.")
+    parser.add_argument("--version", action="version", version=f"tinytune {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for make, _ in COMMANDS.values():
+        make(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "train")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command][1](args)
+    except UserError as e:
+        print(f"tinytune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tinytune: interrupted", file=sys.stderr)
+        return 130

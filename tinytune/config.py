@@ -1,0 +1,162 @@
+"""Typed configuration: the one source of truth for a run.
+
+CLI flags are turned into these dataclasses and validated in ``__post_init__``; a run directory
+stores ``config.json`` written from them, so ``export`` (and later ``--resume``) rebuild exactly the
+same model and adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinytune.errors import UserError
+
+GIB = 2**30
+
+# Sizes a user types for a GPU. "GB" on a graphics card box means GiB (a "12GB" RTX 3060 has
+# 12,288 MiB), so GB, G and GiB all mean 2^30 bytes here; MB and MiB mean 2^20.
+_UNITS = {
+    "": GIB, "g": GIB, "gb": GIB, "gib": GIB,
+    "m": 2**20, "mb": 2**20, "mib": 2**20,
+    "t": 2**40, "tb": 2**40, "tib": 2**40,
+}
+_VRAM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+TECHNIQUES = ("lora",)
+DEFAULT_EPOCHS = 2.0
+# A CPU trains the 135M default at ≈80 tokens/s (2 cores), ≈9 s per 8-example step: 30 steps keep
+# the default run near five minutes and are enough for the demo task's eval loss to fall ~5×.
+CPU_DEFAULT_STEPS = 30
+OPTIMIZERS = ("paged-adamw-8bit", "paged-adamw-32bit", "adamw")
+BITS = (4, 8, 16)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def parse_vram(text: str) -> int:
+    """Parse a memory size such as ``12GB``, ``12 GB``, ``12GiB``, ``12000MiB`` or ``12g`` to bytes.
+
+    GB/G/GiB are binary (2^30 bytes), the way GPU vendors label VRAM; a bare number is GiB.
+    """
+    m = _VRAM_RE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise UserError(
+            f"--vram {text!r} is not a memory size: write it like 12GB, 12 GB, 12GiB, 12000MiB or 12g "
+            "(GB means GiB, 2^30 bytes, as on a GPU's box)"
+        )
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UserError(f"--vram {text!r} must be larger than zero, e.g. --vram 12GB")
+    return value
+
+
+def format_gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.2f} GiB"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run does."""
+
+    model: str | None = None
+    """HF model directory, model id in the local HF cache, or a .gguf file; None = embedded default."""
+    data: str | None = None
+    """JSONL (alpaca / chat / text records) or .txt file; None = the bundled demo dataset."""
+    out: str | None = None
+    """Run directory; None = runs/<timestamp>-<model>."""
+    overwrite: bool = False
+    """Allow writing into a directory that already holds a run."""
+    vram: int | None = None
+    """Memory budget in bytes (None = whatever the device has)."""
+    bits: int = 4
+    """Base weights: 4 = NF4 + double quantization, 8 = LLM.int8, 16 = bf16/fp16 (fp32 on CPU)."""
+    technique: str = "lora"
+    targets: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt (e.g. q_proj,v_proj) or all-linear = every linear layer of the decoder."""
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    rslora: bool = False
+    """Scale by alpha/sqrt(rank) instead of alpha/rank (rsLoRA)."""
+    seq_len: int = 512
+    micro_batch: int = 4
+    grad_accum: int = 2
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    """Optimizer steps; None = run ``epochs`` over the training split."""
+    epochs: float | None = None
+    """Passes over the training split; None = 2 on a GPU, and at most ``CPU_DEFAULT_STEPS`` on a CPU."""
+    seed: int = 0
+    optim: str = "paged-adamw-8bit"
+    gradient_checkpointing: bool = True
+    eval_fraction: float = 0.05
+    eval_every: int = 0
+    """Steps between evaluations; 0 = four times per run."""
+    train_on_prompt: bool = False
+    device: str = "auto"
+    sample: bool = True
+    """Generate a before/after sample from a held-out prompt."""
+    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if self.technique not in TECHNIQUES:
+            raise UserError(f"--technique {self.technique!r} is unknown: choose one of {', '.join(TECHNIQUES)}")
+        if self.bits not in BITS:
+            raise UserError(f"--bits {self.bits} is not supported: choose 4, 8 or 16")
+        if self.optim not in OPTIMIZERS:
+            raise UserError(f"--optim {self.optim!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
+        if self.device not in DEVICES:
+            raise UserError(f"--device {self.device!r} is unknown: choose auto, cpu or cuda")
+        for name in ("rank", "seq_len", "micro_batch", "grad_accum"):
+            if int(getattr(self, name)) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive whole number")
+        if self.alpha <= 0:
+            raise UserError(f"--alpha {self.alpha} must be positive (the usual choice is twice the rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
+        if self.lr <= 0:
+            raise UserError(f"--lr {self.lr} must be positive, e.g. 2e-4")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UserError(f"--max-steps {self.max_steps} must be a positive whole number")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs {self.epochs} must be positive")
+        if not 0.0 <= self.eval_fraction < 0.5:
+            raise UserError(f"--eval-fraction {self.eval_fraction} must be in [0, 0.5)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+        if not self.targets or any(not t.strip() for t in self.targets):
+            raise UserError("--targets is empty: name modules such as q_proj,v_proj, or all-linear")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("_extra")
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"_extra"}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise UserError(f"{path}: cannot read the run's config ({e}); is this a tinytune run directory?") from None

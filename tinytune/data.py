@@ -1,0 +1,249 @@
+"""JSONL / text → tokenized, masked, batched examples.
+
+Record formats, detected from the first record and then required of every line:
+
+- alpaca:     {"instruction": str, "input"?: str, "output": str}
+- chat:       {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+- completion: {"text": str}, or a plain .txt file (cut into --seq-len windows)
+
+Alpaca and chat records are rendered with the tokenizer's chat template; the loss covers only the
+assistant's tokens (labels of everything else are -100) unless ``train_on_prompt``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tinytune.errors import UserError
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Dataset:
+    train: list[Example]
+    eval: list[Example]
+    format: str
+    n_records: int
+    n_truncated: int
+    n_dropped: int
+    sample_prompt: list[dict] | None
+    """A held-out conversation (without its answer) for the before/after sample."""
+    sample_answer: str | None
+
+
+def demo_path() -> Path:
+    return Path(str(resources.files("tinytune") / "data" / "demo.jsonl"))
+
+
+def read_records(path: Path) -> tuple[str, list]:
+    """Read and validate a dataset file; returns (format, records) or raises a file:line UserError."""
+    if not path.exists():
+        raise UserError(f"--data {path}: no such file")
+    if path.is_dir():
+        raise UserError(f"--data {path}: is a directory; pass a .jsonl or .txt file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--data {path}: cannot read ({e.strerror})") from None
+    if b"\x00" in raw[:8192]:
+        raise UserError(f"--data {path}: looks binary (NUL bytes); pass a UTF-8 .jsonl or .txt file")
+    if path.suffix.lower() == ".txt":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise UserError(f"{path}:{line}: not UTF-8 text; re-save the file as UTF-8") from None
+        if not text.strip():
+            raise UserError(f"--data {path}: the file is empty; it needs some text to train on")
+        return "text-file", [text]
+    fmt, records = None, []
+    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = line_bytes.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{lineno}: not UTF-8 text; re-save the file as UTF-8") from None
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+        kind = _record_format(rec, path, lineno)
+        if fmt is None:
+            fmt = kind
+        elif kind != fmt:
+            raise UserError(f"{path}:{lineno}: a {kind} record in a {fmt} dataset; keep one format per file")
+        records.append(rec)
+    if not records:
+        raise UserError(f"--data {path}: no records (the file is empty); add one JSON object per line")
+    return fmt, records
+
+
+def _record_format(rec, path: Path, lineno: int) -> str:
+    where = f"{path}:{lineno}"
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise UserError(f"{where}: messages[{i}] needs \"role\" (system, user or assistant) and a string \"content\"")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{where}: the conversation has no assistant message to learn from")
+        return "chat"
+    if "instruction" in rec or "output" in rec:
+        for key in ("instruction", "output"):
+            if not isinstance(rec.get(key), str):
+                raise UserError(f"{where}: an alpaca record needs a string \"{key}\"")
+        if "input" in rec and not isinstance(rec["input"], (str, type(None))):
+            raise UserError(f"{where}: \"input\" must be a string")
+        return "alpaca"
+    if "text" in rec:
+        if not isinstance(rec["text"], str) or not rec["text"].strip():
+            raise UserError(f"{where}: \"text\" must be a non-empty string")
+        return "text"
+    keys = ", ".join(sorted(map(str, rec))) or "none"
+    raise UserError(f"{where}: unknown record (keys: {keys}); use \"instruction\"+\"output\", \"messages\" or \"text\"")
+
+
+def to_messages(rec: dict) -> list[dict]:
+    if "messages" in rec:
+        return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+    prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
+
+
+def encode_chat(tok, messages: list[dict], train_on_prompt: bool) -> Example:
+    """Tokenize a conversation; labels cover the assistant turns (character spans → token offsets)."""
+    full = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        start = len(before) if full.startswith(before) else _common_prefix(full, before)
+        spans.append((start, len(upto)))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if train_on_prompt:
+        return Example(ids, list(ids))
+    labels = [
+        t if any(s <= a < e for s, e in spans) else IGNORE
+        for t, (a, _b) in zip(ids, enc["offset_mapping"])
+    ]
+    return Example(ids, labels)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_text(tok, text: str) -> Example:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
+        ids = [tok.bos_token_id] + ids
+    ids = ids + [tok.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: bool, seed: int) -> Dataset:
+    fmt, records = read_records(path)
+    examples: list[Example] = []
+    origins: list[int] = []  # record index of each example
+    truncated = dropped = 0
+    if fmt == "text-file":
+        ids = encode_text(tok, records[0]).input_ids
+        for i in range(0, len(ids), seq_len):
+            window = ids[i : i + seq_len]
+            if len(window) > 1:
+                examples.append(Example(window, list(window)))
+    else:
+        for index, rec in enumerate(records):
+            ex = encode_text(tok, rec["text"]) if fmt == "text" else encode_chat(tok, to_messages(rec), train_on_prompt)
+            if len(ex.input_ids) > seq_len:
+                truncated += 1
+                ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+            if all(label == IGNORE for label in ex.labels[1:]):
+                dropped += 1  # nothing left to learn after truncation
+                continue
+            examples.append(ex)
+            origins.append(index)
+    if not examples:
+        raise UserError(f"--data {path}: no example has a token to learn from at --seq-len {seq_len}; raise --seq-len")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(examples) * eval_fraction)) if eval_fraction > 0 else 0
+    if eval_fraction > 0 and len(examples) >= 4:
+        n_eval = max(1, n_eval)
+    n_eval = min(n_eval, len(examples) - 1)
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    sample_prompt = sample_answer = None
+    if fmt in ("alpaca", "chat") and eval_idx:
+        # The first held-out record, minus its last answer, is the before/after generation sample.
+        msgs = to_messages(records[origins[eval_idx[0]]])
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        sample_prompt, sample_answer = msgs[:last], msgs[last]["content"]
+    return Dataset(
+        train=[examples[i] for i in train_idx], eval=[examples[i] for i in eval_idx], format=fmt,
+        n_records=len(records), n_truncated=truncated, n_dropped=dropped,
+        sample_prompt=sample_prompt, sample_answer=sample_answer,
+    )
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch to its longest example."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def micro_batches(examples: list[Example], micro_batch: int, seed: int, start: int = 0) -> Iterator[list[Example]]:
+    """Endless stream of micro-batches, reshuffled each epoch; ``start`` skips that many micro-batches."""
+    per_epoch = max(1, len(examples) // micro_batch) if len(examples) >= micro_batch else 1
+    index = start
+    while True:
+        epoch, pos = divmod(index, per_epoch)
+        order = epoch_order(len(examples), seed, epoch)
+        chunk = order[pos * micro_batch : (pos + 1) * micro_batch]
+        yield [examples[i] for i in chunk]
+        index += 1
+
+
+def micro_batches_per_epoch(n_examples: int, micro_batch: int) -> int:
+    return max(1, n_examples // micro_batch)

@@ -1,0 +1,126 @@
+"""Merge an adapter into the weights it was trained against and write a plain HF model directory.
+
+Merging is where quality is lost (a 4-bit base re-quantized after merging, or the adapter added to
+the original 16-bit weights it never saw). Here every quantized layer is dequantized exactly as the
+trainer saw it, the adapter's delta is added in fp32, and only then is the result cast to the export
+dtype, so the merged model's logits match the adapter model's (tests/test_export.py states the
+tolerances).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tinytune import quant, rundir
+from tinytune.config import TrainConfig
+from tinytune.errors import UserError
+
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def save_peft_adapter(path: Path, state: dict[str, torch.Tensor], cfg: TrainConfig, source) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as ``peft.PeftModel`` expects."""
+    short = sorted({k.rsplit(".", 2)[-2] for k in state})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": source.path,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        "target_modules": short, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None,
+    }
+    tensors = {f"base_model.model.{k}.weight": v for k, v in state.items()}
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        rundir.save_tensors(tmp / "adapter_model.safetensors", tensors)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def merge_into_linears(model: nn.Module) -> int:
+    """Replace every adapter layer and quantized linear by a plain fp32 ``nn.Linear``; returns how many."""
+    from tinytune.adapters import AdapterLayer
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterLayer):
+            weight, base = module.merged_weight(), module.base
+        elif quant.is_quantized(module):
+            weight, base = quant.dequantized_weight(module), module
+        else:
+            continue
+        if not _still_attached(model, name, module):
+            continue  # the base inside an adapter layer, already handled with it
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="cpu", dtype=torch.float32)
+        linear.weight.copy_(weight.cpu())
+        if base.bias is not None:
+            linear.bias.copy_(base.bias.detach().float().cpu())
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+        replaced += 1
+    return replaced
+
+
+def _still_attached(model: nn.Module, name: str, module: nn.Module) -> bool:
+    try:
+        return model.get_submodule(name) is module
+    except AttributeError:
+        return False
+
+
+def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = False, max_shard_size: str = "200MB",
+           say=print) -> Path:
+    from tinytune import adapters, loading
+
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir}: not a tinytune run directory (no config.json); pass the --out of a training run")
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype!r} is unknown: choose fp16, bf16 or fp32")
+    cfg = TrainConfig.load(run_dir / "config.json")
+    state = rundir.load_tensors(run_dir / "adapter.safetensors")
+    rundir.check_output(out, overwrite, what="export")
+    plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() else {}
+    load_dtype = getattr(torch, plan.get("compute_dtype", "float32"))
+
+    t0 = time.perf_counter()
+    source = loading.resolve_source(cfg.model)
+    tok = loading.load_tokenizer(source)
+    # Re-quantize exactly as training did (same load dtype), on the CPU: the same NF4/int8 codes.
+    model = loading.load_model(source, cfg.bits, torch.device("cpu"), dtype=load_dtype)
+    adapters.apply(model, cfg)
+    try:
+        adapters.load_trainable_state(model, state)
+    except ValueError as e:
+        raise UserError(f"{run_dir / 'adapter.safetensors'}: {e}") from None
+    n = merge_into_linears(model)
+    model.to(EXPORT_DTYPES[dtype])
+    model.config.use_cache = True
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"--out {out}: cannot write the export ({e.strerror or e}); free space or choose another directory") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"merged {n} layers ({cfg.bits}-bit base dequantized + {cfg.technique} delta, fp32 math) → {dtype} "
+        f"HF model at {out} in {time.perf_counter() - t0:.1f}s")
+    return out

@@ -1,0 +1,1 @@
+"""Memory: ``estimate`` predicts bytes from shapes; ``probe`` reads what was really allocated."""

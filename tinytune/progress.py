@@ -1,0 +1,52 @@
+"""Headless progress: one updating line on a terminal, a line every few steps otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class ProgressBar:
+    def __init__(self, total: int, stream=None, width: int = 20) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.start = time.perf_counter()
+        self.every = max(1, total // 20)
+
+    def update(self, record: dict) -> None:
+        step = record["step"]
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / step * (self.total - step) if step else 0.0
+        filled = int(self.width * step / max(1, self.total))
+        bar = "#" * filled + "-" * (self.width - filled)
+        mem = (
+            f"gpu {record['mem_allocated_gib']:.2f} alloc / {record['mem_peak_gib']:.2f} peak GiB"
+            if "mem_allocated_gib" in record
+            else f"rss {record['rss_gib']:.2f} GiB"
+        )
+        line = (
+            f"step {step}/{self.total} [{bar}] loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s | "
+            f"{mem} | {_duration(elapsed)} elapsed, ETA {_duration(eta)}"
+        )
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+            if step == self.total:
+                self.stream.write("\n")
+        elif step % self.every == 0 or step == self.total or step == 1:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K")
+        self.stream.write(text + "\n")
+        self.stream.flush()

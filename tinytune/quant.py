@@ -1,0 +1,92 @@
+"""The one place that knows bitsandbytes' quantized layers.
+
+Techniques never look inside a quantized layer: they call the base module for the forward pass and
+``dequantized_weight`` when they merge. Quantization happens one ``nn.Linear`` at a time, so the
+16-bit weights of a whole model never sit on the GPU together.
+
+- 4-bit: NF4 with double quantization (QLoRA, arXiv 2305.14314): 4 bits per weight plus one fp8
+  absmax per 64 weights and one fp32 per 256 absmax blocks ≈ 4.127 bits/param.
+- 8-bit: LLM.int8 (arXiv 2208.07339): int8 rows with one fp32 scale per row; input columns with
+  outliers above 6.0 run in 16-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+def _bnb():
+    import bitsandbytes as bnb  # imported late: it prints diagnostics on import
+
+    return bnb
+
+
+def quantize_linear(linear: nn.Linear, bits: int, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    """Return a bitsandbytes replacement for ``linear`` living on ``device`` (quantized there)."""
+    bnb = _bnb()
+    weight = linear.weight.data
+    bias = linear.bias.data if linear.bias is not None else None
+    if bits == 4:
+        q = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=bias is not None,
+            compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            weight.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4",
+        )
+    elif bits == 8:
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias is not None,
+            has_fp16_weights=False, threshold=6.0, device="meta",
+        )
+        q.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"cannot quantize to {bits} bits")
+    if bias is not None:
+        q.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+    return q.to(device)  # bitsandbytes quantizes on this move
+
+
+def is_quantized(module: nn.Module) -> bool:
+    bnb = _bnb()
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def quantized_bits(module: nn.Module) -> int | None:
+    bnb = _bnb()
+    if isinstance(module, bnb.nn.Linear4bit):
+        return 4
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return 8
+    return None
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the layer really multiplies by, as fp32 (out_features × in_features).
+
+    For a quantized layer this is the dequantized value — the weight an adapter was trained against —
+    not the original 16-bit weight, so merging into it reproduces the adapter model's outputs.
+    """
+    bnb = _bnb()
+    if isinstance(module, bnb.nn.Linear4bit):
+        w = module.weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        w = module.weight
+        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        return w.data.float() * (scb.float()[:, None] / 127.0)
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float()
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a plain or quantized linear layer."""
+    return module.in_features, module.out_features
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_quantized(module)

@@ -1,0 +1,111 @@
+"""The run directory: what a run leaves on disk, always written atomically (temp file + rename).
+
+    RUN_DIR/config.json          resolved TrainConfig
+    RUN_DIR/plan.json            technique, rank, bits, batch, seq_len, ... (+ predicted memory)
+    RUN_DIR/metrics.jsonl        one record per optimizer step; eval records carry eval_loss
+    RUN_DIR/adapter.safetensors  trainable adapter tensors, by module name
+    RUN_DIR/peft/                the same adapter in PEFT's format
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tinytune.errors import UserError
+
+RUN_FILES = ("config.json", "plan.json", "metrics.jsonl", "adapter.safetensors", "peft")
+FORMAT_VERSION = 1
+
+
+def default_path(model_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name) or "model"
+    return Path("runs") / f"{stamp}-{safe}"
+
+
+def check_output(path: Path, overwrite: bool, what: str = "run") -> None:
+    """Refuse a directory that already holds something, unless told to overwrite."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path}: exists and is a file; choose a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        holds = "a run" if any((path / f).exists() for f in RUN_FILES) else "files"
+        raise UserError(f"--out {path}: already holds {holds}; choose another --out or pass --overwrite to replace it")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {path}: {parent} is not writable; choose a directory you can write to")
+
+
+def create(path: Path, overwrite: bool) -> Path:
+    check_output(path, overwrite)
+    try:
+        if path.is_dir() and overwrite:
+            for child in path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot create the run directory ({e.strerror})") from None
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the run has not saved an adapter yet (did it finish or checkpoint?)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); it may be corrupt") from None
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and flushes it, so a monitor can follow the file live."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
