@@ -39,6 +39,7 @@ def save_peft_adapter(path: Path, state: dict[str, torch.Tensor], cfg: TrainConf
     try:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         rundir.save_tensors(tmp / "adapter_model.safetensors", tensors)
+        rundir.publish_mode(tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -112,6 +113,7 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tok.save_pretrained(tmp)
+        rundir.publish_mode(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -101,6 +101,13 @@ def _quiet():
 
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
+        import functools
+
+        from tqdm.auto import tqdm
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        # GGUF conversion uses a bare tqdm bar that transformers' switch does not reach.
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
     except ImportError:  # pragma: no cover
         pass
 
@@ -120,7 +127,9 @@ def load_config(source: ModelSource):
     except Exception as e:  # noqa: BLE001 - corrupt or foreign files: tell the user which and why
         raise UserError(f"{where}: cannot read the model config ({_first_line(e)})") from None
     model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architectures = getattr(config, "architectures", None) or []
+    is_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) if architectures else True
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not is_causal:
         raise UserError(f"{where}: model type {model_type!r} is not a causal language model; pass a decoder LM such as Llama, Mistral or Qwen2")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{where}: architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -190,7 +199,14 @@ def load_model(source: ModelSource, bits: int, device: torch.device, dtype: torc
     except Exception as e:  # noqa: BLE001
         where = os.path.join(path, source.gguf_file) if source.gguf_file else path
         raise UserError(f"{where}: cannot load the model weights ({_first_line(e)}); is the file complete?") from None
-    # GGUF is dequantized to fp32 whatever dtype was asked for.
+    # GGUF tensors arrive dequantized (fp32 whatever dtype was asked for) but the model still carries
+    # the GGUF quantizer, which blocks casting and saving: it no longer describes the weights.
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, False if attr == "is_quantized" else None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.to(dtype)
     model.requires_grad_(False)
     if bits in (4, 8):
@@ -202,9 +218,6 @@ def load_model(source: ModelSource, bits: int, device: torch.device, dtype: torc
                     setattr(parent, attr, quant.quantize_linear(child, bits, device, dtype))
             layer.to(device)
     model.to(device)
-    if hasattr(model.config, "quantization_config"):
-        # GGUF loading records its own (dequantized) quantization; it no longer applies.
-        del model.config.quantization_config
     model.config.use_cache = False
     model.eval()
     model.tinytune_bits = bits

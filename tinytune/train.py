@@ -249,8 +249,9 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
     save_peft_adapter(out / "peft", state, cfg, source)
     if before is not None:
         after = generate_sample(model, tok, ds.sample_prompt, device, dtype)
-        prompt = ds.sample_prompt[-1]["content"].replace("\n", " ")
-        say(f"sample prompt: {prompt}\n  before: {before}\n  after:  {after}\n  target: {ds.sample_answer}")
+        one_line = lambda text: " ".join(text.split())  # noqa: E731
+        say(f"sample (held out): {one_line(ds.sample_prompt[-1]['content'])}\n  before: {one_line(before)}\n"
+            f"  after:  {one_line(after)}\n  target: {one_line(ds.sample_answer)}")
     metrics.close()
     say(f"saved {out}  (export merged weights with: tinytune export {out} --out {out}/merged)")
     return out

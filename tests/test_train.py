@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from tinytune import train
+from tinytune.config import TrainConfig
+from tinytune.train import make_schedule
+
+
+def tiny_cfg(tiny_model_dir, demo_file, out, **kw):
+    base = dict(model=str(tiny_model_dir), data=str(demo_file), out=str(out), rank=8, alpha=16, seq_len=128,
+                micro_batch=4, grad_accum=2, lr=3e-3, max_steps=8, eval_fraction=0.15, sample=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_training_lowers_eval_loss_and_writes_the_run(tiny_model_dir, demo_file, tmp_path, bits):
+    run_dir = train.run(tiny_cfg(tiny_model_dir, demo_file, tmp_path / "run", bits=bits), stream=open("/dev/null", "w"))
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for key in ("step", "loss", "lr", "tokens_per_s", "rss_gib", "grad_norm"):
+        assert key in steps[0]
+    # A random tiny model with frozen embeddings and head moves slowly; it must still move every eval.
+    assert all(b < a for a, b in zip(evals, evals[1:])) and evals[-1] < evals[0] - 0.2, evals
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert {plan[k] for k in ("technique", "bits", "rank", "micro_batch", "seq_len", "grad_accum")} >= {"lora", bits, 8, 4, 128, 2}
+    assert TrainConfig.load(run_dir / "config.json").bits == bits
+    assert (run_dir / "adapter.safetensors").is_file()
+    assert (run_dir / "peft" / "adapter_config.json").is_file()
+
+
+def test_same_seed_same_losses_on_cpu(tiny_model_dir, demo_file, tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        run_dir = train.run(tiny_cfg(tiny_model_dir, demo_file, tmp_path / name, max_steps=4, dropout=0.1),
+                            stream=open("/dev/null", "w"))
+        losses.append([r["loss"] for r in read_metrics(run_dir) if "loss" in r])
+    assert losses[0] == losses[1]
+    other = train.run(tiny_cfg(tiny_model_dir, demo_file, tmp_path / "c", max_steps=4, dropout=0.1, seed=1),
+                      stream=open("/dev/null", "w"))
+    assert [r["loss"] for r in read_metrics(other) if "loss" in r] != losses[0]
+
+
+def test_schedule_warms_up_then_decays():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = make_schedule(opt, warmup=4, total=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[3] < lrs[4] and max(lrs) == pytest.approx(1.0)
+    assert lrs[-1] < 0.2 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+@pytest.mark.parametrize("optim", ["paged-adamw-32bit", "adamw"])
+def test_other_optimizers_train(tiny_model_dir, demo_file, tmp_path, optim):
+    run_dir = train.run(tiny_cfg(tiny_model_dir, demo_file, tmp_path / "run", optim=optim, max_steps=3,
+                                 eval_fraction=0.0), stream=open("/dev/null", "w"))
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]
