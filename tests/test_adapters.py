@@ -75,5 +75,5 @@ def test_adapter_init_depends_only_on_the_seed(tiny_model_dir):
     torch.randn(100)  # unrelated RNG use in between
     b = load(tiny_model_dir)
     adapters.apply(b, TrainConfig(seed=5))
-    sa, sb = adapters.trainable_state(a), adapters.trainable_state(b)
+    sa, sb = adapters.state(a), adapters.state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

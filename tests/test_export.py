@@ -30,8 +30,8 @@ def trained_runs(tiny_model_dir, tmp_path_factory):
 def adapter_model(run_dir):
     cfg = TrainConfig.load(run_dir / "config.json")
     model = loading.load_model(loading.resolve_source(cfg.model), cfg.bits, torch.device("cpu"))
-    adapters.apply(model, cfg)
-    adapters.load_trainable_state(model, rundir.load_tensors(run_dir / "adapter.safetensors"))
+    adapters.apply(model, cfg, total_steps=cfg.max_steps or 0)
+    adapters.load_state(model, rundir.load_tensors(run_dir / "adapter.safetensors"))
     return model.eval()
 
 

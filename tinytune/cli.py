@@ -32,7 +32,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--vram", help="GPU memory budget, e.g. 12GB, 12 GB, 12GiB, 12000MiB, 12g (GB = GiB = 2^30 bytes)")
     p.add_argument("--bits", type=int, default=d.bits, help="base weights: 4 (NF4 + double quant), 8 (LLM.int8), 16")
-    p.add_argument("--technique", default=d.technique, help="adapter technique (default: lora)")
+    p.add_argument("--technique", default=d.technique, help="lora (default), lora-fa, vera, delta-lora or lora-plus")
+    p.add_argument("--lora-plus-ratio", type=float, default=d.lora_plus_ratio, help="LoRA+: B's lr over A's (default 16)")
+    p.add_argument("--vera-d-init", type=float, default=d.vera_d_init, help="VeRA: initial d vector value (default 0.1)")
+    p.add_argument("--delta-lambda", type=float, default=d.delta_lambda, help="Delta-LoRA: λ (default 2)")
+    p.add_argument("--delta-start", type=int, default=None, help="Delta-LoRA: warm-up steps K (default 500, or a tenth of a shorter run)")
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names, or all-linear")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: twice the rank)")
@@ -74,7 +78,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(
         model=args.model, data=args.data, out=args.out, overwrite=args.overwrite,
         vram=parse_vram(args.vram) if args.vram is not None else None, bits=args.bits,
-        technique=args.technique, targets=tuple(t.strip() for t in args.targets.split(",")),
+        technique=args.technique, lora_plus_ratio=args.lora_plus_ratio, vera_d_init=args.vera_d_init,
+        delta_lambda=args.delta_lambda, delta_start=args.delta_start, targets=tuple(t.strip() for t in args.targets.split(",")),
         rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
         dropout=args.dropout, rslora=args.rslora, seq_len=args.seq_len, micro_batch=args.micro_batch,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,

@@ -27,7 +27,7 @@ _UNITS = {
 }
 _VRAM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
-TECHNIQUES = ("lora",)
+TECHNIQUES = ("lora", "lora-fa", "vera", "delta-lora", "lora-plus")
 DEFAULT_EPOCHS = 2.0
 # A CPU trains the 135M default at ≈80 tokens/s (2 cores), ≈9 s per 8-example step: 30 steps keep
 # the default run near five minutes and are enough for the demo task's eval loss to fall ~5×.
@@ -76,6 +76,15 @@ class TrainConfig:
     bits: int = 4
     """Base weights: 4 = NF4 + double quantization, 8 = LLM.int8, 16 = bf16/fp16 (fp32 on CPU)."""
     technique: str = "lora"
+    """lora, lora-fa (A frozen), vera (shared random A/B, trainable vectors), delta-lora, lora-plus."""
+    lora_plus_ratio: float = 16.0
+    """LoRA+: B's learning rate over A's."""
+    vera_d_init: float = 0.1
+    """VeRA: initial value of the trainable vector d (b starts at 0)."""
+    delta_lambda: float = 2.0
+    """Delta-LoRA: λ, how strongly W follows the change of B·A."""
+    delta_start: int | None = None
+    """Delta-LoRA: warm-up steps K before W follows (None = 500, or a tenth of a shorter run)."""
     targets: tuple[str, ...] = ("all-linear",)
     """Module names to adapt (e.g. q_proj,v_proj) or all-linear = every linear layer of the decoder."""
     rank: int = 16
@@ -119,6 +128,12 @@ class TrainConfig:
         for name in ("rank", "seq_len", "micro_batch", "grad_accum"):
             if int(getattr(self, name)) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive whole number")
+        if self.lora_plus_ratio <= 0:
+            raise UserError(f"--lora-plus-ratio {self.lora_plus_ratio} must be positive (the paper uses 16)")
+        if self.delta_start is not None and self.delta_start < 0:
+            raise UserError(f"--delta-start {self.delta_start} must be zero or more steps")
+        if self.technique == "delta-lora":
+            self.dropout = 0.0  # Delta-LoRA drops the branch's dropout so W's update is exact
         if self.alpha <= 0:
             raise UserError(f"--alpha {self.alpha} must be positive (the usual choice is twice the rank)")
         if not 0.0 <= self.dropout < 1.0:

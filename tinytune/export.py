@@ -25,6 +25,9 @@ from tinytune.errors import UserError
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+PEFT_TECHNIQUES = ("lora", "lora-plus", "lora-fa")  # plain LoRA weights; LoRA-FA's A is just frozen
+
+
 def save_peft_adapter(path: Path, state: dict[str, torch.Tensor], cfg: TrainConfig, source) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as ``peft.PeftModel`` expects."""
     short = sorted({k.rsplit(".", 2)[-2] for k in state})
@@ -99,9 +102,9 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
     tok = loading.load_tokenizer(source)
     # Re-quantize exactly as training did (same load dtype), on the CPU: the same NF4/int8 codes.
     model = loading.load_model(source, cfg.bits, torch.device("cpu"), dtype=load_dtype)
-    adapters.apply(model, cfg)
+    adapters.apply(model, cfg, total_steps=int(plan.get("total_steps", 0)))
     try:
-        adapters.load_trainable_state(model, state)
+        adapters.load_state(model, state)
     except ValueError as e:
         raise UserError(f"{run_dir / 'adapter.safetensors'}: {e}") from None
     n = merge_into_linears(model)

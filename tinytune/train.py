@@ -18,7 +18,7 @@ import torch
 
 from tinytune import adapters, data, loading, planner, rundir
 from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, TrainConfig
-from tinytune.export import save_peft_adapter
+from tinytune.export import PEFT_TECHNIQUES, save_peft_adapter
 from tinytune.loss import causal_lm_loss_sum
 from tinytune.memory import probe
 from tinytune.progress import ProgressBar
@@ -26,7 +26,8 @@ from tinytune.progress import ProgressBar
 Listener = Callable[[dict], None]
 
 
-def make_optimizer(name: str, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``params`` are parameter groups (LoRA+ gives B its own learning rate)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     import bitsandbytes as bnb
@@ -163,12 +164,14 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model = loading.load_model(source, cfg.bits, device)
-    layers = adapters.apply(model, cfg)
-    params = [p for layer in layers.values() for p in layer.trainable_parameters()]
-    n_trainable = sum(p.numel() for p in params)
     per_epoch = data.micro_batches_per_epoch(len(ds.train), cfg.micro_batch)
     total_steps = planned_steps(cfg, per_epoch, device, say)
+    layers = adapters.apply(model, cfg, total_steps)
+    params = adapters.trainable(model)
+    n_trainable = sum(p.numel() for p in params)
     plan = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
+    if cfg.technique == "delta-lora":
+        plan["delta_start"] = adapters.delta_start(cfg, total_steps)
     say(f"model: {source.name} ({source.kind}) at {cfg.bits}-bit on {probe.describe(device)}, loaded in "
         f"{time.perf_counter() - t0:.1f}s; {cfg.technique} r={cfg.rank} on {len(layers)} layers, "
         f"{n_trainable:,} trainable parameters; {total_steps} steps")
@@ -181,7 +184,7 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    optimizer = make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optim, adapters.param_groups(model, cfg), cfg.lr, cfg.weight_decay)
     schedule = make_schedule(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
     eval_every = cfg.eval_every or max(1, total_steps // 4)
@@ -220,6 +223,8 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            for layer in layers.values():
+                layer.on_optimizer_step(step)
             lr = schedule.get_last_lr()[0]
             schedule.step()
             seconds = time.perf_counter() - step_start
@@ -244,9 +249,10 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
                 break
 
     # 4. Save.
-    state = adapters.trainable_state(model)
+    state = adapters.state(model)
     rundir.save_tensors(out / "adapter.safetensors", state, metadata={"step": str(step), "format": str(rundir.FORMAT_VERSION)})
-    save_peft_adapter(out / "peft", state, cfg, source)
+    if cfg.technique in PEFT_TECHNIQUES:
+        save_peft_adapter(out / "peft", state, cfg, source)
     if before is not None:
         after = generate_sample(model, tok, ds.sample_prompt, device, dtype)
         one_line = lambda text: " ".join(text.split())  # noqa: E731

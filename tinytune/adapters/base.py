@@ -35,6 +35,15 @@ class AdapterLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def on_optimizer_step(self, step: int) -> None:
+        """Called after each optimizer step (Delta-LoRA uses it); most techniques need nothing."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to rebuild the layer's branch: parameters (trainable or frozen) and buffers."""
+        out = {n: p for n, p in self.named_parameters(recurse=False)}
+        out.update({n: b for n, b in self.named_buffers(recurse=False)})
+        return out
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The weight a plain linear layer needs to give this layer's outputs, in fp32."""
