@@ -47,13 +47,16 @@ def bad_inputs(tmp_path, tiny_model_dir, demo_file):
         "bad bits": (["--bits", "3"], "--bits 3 is not supported"),
         "not a number": (["--rank", "big"], "invalid int value"),
         "unknown flag": (["--frobnicate"], "unrecognized arguments"),
+        "full at 4 bits": (["--technique", "full", "--bits", "4"], "--technique full with --bits 4"),
+        "vera rank too big": (["--model", m, "--data", d, "--technique", "vera", "--rank", "200"],
+                              "larger than VeRA's shared matrices allow"),
         "export of nothing": (["export", str(tmp_path), "--out", str(tmp_path / "x")], "not a tinytune run directory"),
     }
 
 
 CASES = ["missing model", "non-causal model", "unsupported architecture", "missing dataset", "empty dataset",
          "malformed line", "bad vram", "occupied out", "rank 0", "rank too big", "unknown technique", "bad bits",
-         "not a number", "unknown flag", "export of nothing"]
+         "not a number", "unknown flag", "full at 4 bits", "vera rank too big", "export of nothing"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -8,6 +8,7 @@ from tinytune import adapters, loading
 from tinytune.adapters import DeltaLoRALinear
 from tinytune.config import TrainConfig
 from tinytune.errors import UserError
+from tinytune.memory import probe
 
 IDS = torch.randint(0, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -17,22 +18,10 @@ def load(tiny_model_dir, bits=16):
 
 
 def saved_activation_bytes(model, ids) -> int:
-    """Bytes autograd saves for backward, counting each storage once and no parameter or buffer."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    for layer in adapters.adapter_layers(model).values():
-        own |= {t.untyped_storage().data_ptr() for t in getattr(layer, "shared", {}).values()}
-    seen = {}
+    def step():
+        model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
-    loss.backward()
-    return sum(seen.values())
+    return probe.saved_activation_bytes(model, step)
 
 
 @pytest.mark.parametrize("bits", [16, 4])
@@ -192,3 +181,32 @@ def test_each_technique_trains_on_4bit_and_exports_exactly(technique, tiny_model
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_full_fine_tuning_trains_every_weight_and_exports(tiny_model_dir, demo_file, tmp_path):
+    from tinytune import train
+    from tinytune.export import export
+
+    from test_train import read_metrics, tiny_cfg
+
+    cfg = tiny_cfg(tiny_model_dir, demo_file, tmp_path / "run", technique="full", lr=1e-3, bits=None)
+    assert cfg.bits == 16
+    run_dir = train.run(cfg, stream=open("/dev/null", "w"))
+    evals = [r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r]
+    assert all(b < a for a, b in zip(evals, evals[1:])) and evals[-1] < evals[0] - 0.5, evals
+    plan_params = __import__("json").loads((run_dir / "plan.json").read_text())["trainable_params"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert plan_params == sum(p.numel() for p in base.parameters())
+    out = export(run_dir, tmp_path / "merged", dtype="fp32", say=lambda _s: None)
+    tuned = AutoModelForCausalLM.from_pretrained(out).eval()
+    from tinytune import rundir
+
+    weights = rundir.load_tensors(run_dir / "adapter.safetensors")
+    torch.testing.assert_close(tuned.model.layers[0].mlp.down_proj.weight, weights["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(tuned.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_fine_tuning_refuses_quantized_bits(bits):
+    with pytest.raises(UserError, match=f"--technique full with --bits {bits}"):
+        TrainConfig(technique="full", bits=bits)

@@ -27,7 +27,7 @@ _UNITS = {
 }
 _VRAM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
-TECHNIQUES = ("lora", "lora-fa", "vera", "delta-lora", "lora-plus")
+TECHNIQUES = ("lora", "lora-fa", "vera", "delta-lora", "lora-plus", "full")
 DEFAULT_EPOCHS = 2.0
 # A CPU trains the 135M default at ≈80 tokens/s (2 cores), ≈9 s per 8-example step: 30 steps keep
 # the default run near five minutes and are enough for the demo task's eval loss to fall ~5×.
@@ -73,10 +73,11 @@ class TrainConfig:
     """Allow writing into a directory that already holds a run."""
     vram: int | None = None
     """Memory budget in bytes (None = whatever the device has)."""
-    bits: int = 4
-    """Base weights: 4 = NF4 + double quantization, 8 = LLM.int8, 16 = bf16/fp16 (fp32 on CPU)."""
+    bits: int | None = None
+    """Base weights: 4 = NF4 + double quantization, 8 = LLM.int8, 16 = bf16/fp16 (fp32 on CPU).
+    None = 4 for adapters, 16 for full fine-tuning."""
     technique: str = "lora"
-    """lora, lora-fa (A frozen), vera (shared random A/B, trainable vectors), delta-lora, lora-plus."""
+    """lora, lora-fa (A frozen), vera (shared random A/B, trainable vectors), delta-lora, lora-plus, full."""
     lora_plus_ratio: float = 16.0
     """LoRA+: B's learning rate over A's."""
     vera_d_init: float = 0.1
@@ -117,6 +118,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        if self.bits is None:
+            self.bits = 16 if self.technique == "full" else 4
         if self.technique not in TECHNIQUES:
             raise UserError(f"--technique {self.technique!r} is unknown: choose one of {', '.join(TECHNIQUES)}")
         if self.bits not in BITS:
@@ -132,6 +135,11 @@ class TrainConfig:
             raise UserError(f"--lora-plus-ratio {self.lora_plus_ratio} must be positive (the paper uses 16)")
         if self.delta_start is not None and self.delta_start < 0:
             raise UserError(f"--delta-start {self.delta_start} must be zero or more steps")
+        if self.technique == "full" and self.bits != 16:
+            raise UserError(
+                f"--technique full with --bits {self.bits}: full fine-tuning updates every weight, and {self.bits}-bit "
+                "weights are integer codes with no gradient; use --bits 16, or an adapter technique (lora, lora-fa, vera, ...)"
+            )
         if self.technique == "delta-lora":
             self.dropout = 0.0  # Delta-LoRA drops the branch's dropout so W's update is exact
         if self.alpha <= 0:

@@ -173,7 +173,8 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
     if cfg.technique == "delta-lora":
         plan["delta_start"] = adapters.delta_start(cfg, total_steps)
     say(f"model: {source.name} ({source.kind}) at {cfg.bits}-bit on {probe.describe(device)}, loaded in "
-        f"{time.perf_counter() - t0:.1f}s; {cfg.technique} r={cfg.rank} on {len(layers)} layers, "
+        f"{time.perf_counter() - t0:.1f}s; "
+        f"{'full fine-tuning' if cfg.technique == 'full' else f'{cfg.technique} r={cfg.rank} on {len(layers)} layers'}, "
         f"{n_trainable:,} trainable parameters; {total_steps} steps")
 
     rundir.create(out, cfg.overwrite)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tinytune import quant
+from tinytune.adapters import full
 from tinytune.adapters.base import AdapterLayer, adapter_layers, attach, check_rank, target_linears
 from tinytune.adapters.delta_lora import DeltaLoRALinear
 from tinytune.adapters.lora import LoRALinear
@@ -33,7 +34,10 @@ def delta_start(cfg: TrainConfig, total_steps: int) -> int:
 
 
 def apply(model: nn.Module, cfg: TrainConfig, total_steps: int = 0) -> dict[str, AdapterLayer]:
-    """Attach ``cfg.technique`` to the targeted layers; the base stays frozen."""
+    """Attach ``cfg.technique`` to the targeted layers; the base stays frozen (except for ``full``)."""
+    if cfg.technique == "full":
+        full.enable(model)
+        return {}
     names = target_linears(model, cfg.targets)
     device = next(model.parameters()).device
     gen_state = torch.random.get_rng_state()
@@ -67,6 +71,8 @@ def apply(model: nn.Module, cfg: TrainConfig, total_steps: int = 0) -> dict[str,
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
+    if full.is_full(model):
+        return full.parameters(model)
     return [p for layer in adapter_layers(model).values() for p in layer.trainable_parameters()]
 
 
@@ -84,6 +90,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors by full name (``...q_proj.lora_A``) plus shared ones (``shared.vera_A``), on the CPU."""
+    if full.is_full(model):
+        return full.state(model)
     out = {}
     for name, layer in adapter_layers(model).items():
         for key, t in layer.state_tensors().items():
@@ -94,6 +102,8 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    if full.is_full(model):
+        return full.load_state(model, tensors)
     targets = {f"{n}.{k}": t for n, layer in adapter_layers(model).items() for k, t in layer.state_tensors().items()}
     targets.update({SHARED_PREFIX + k: t for k, t in getattr(model, "tinytune_shared", {}).items()})
     if set(tensors) != set(targets):

@@ -25,6 +25,27 @@ def sample(device: torch.device) -> dict[str, float]:
     return out
 
 
+def saved_activation_bytes(model: torch.nn.Module, run_backward) -> int:
+    """Bytes autograd keeps for backward while ``run_backward()`` runs a forward and backward.
+
+    Counts each storage once and leaves out parameters, buffers and other tensors the model holds
+    anyway (VeRA's shared matrices), so the figure is activations only.
+    """
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    own |= {t.untyped_storage().data_ptr() for t in getattr(model, "tinytune_shared", {}).values()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_backward()
+    return sum(seen.values())
+
+
 def device_total_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
