@@ -1,5 +1,7 @@
 """LoRA-FA, VeRA, Delta-LoRA and LoRA+: each checked against PEFT or a literal reference."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -194,7 +196,7 @@ def test_full_fine_tuning_trains_every_weight_and_exports(tiny_model_dir, demo_f
     run_dir = train.run(cfg, stream=open("/dev/null", "w"))
     evals = [r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r]
     assert all(b < a for a, b in zip(evals, evals[1:])) and evals[-1] < evals[0] - 0.5, evals
-    plan_params = __import__("json").loads((run_dir / "plan.json").read_text())["trainable_params"]
+    plan_params = json.loads((run_dir / "plan.json").read_text())["trainable_params"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert plan_params == sum(p.numel() for p in base.parameters())
     out = export(run_dir, tmp_path / "merged", dtype="fp32", say=lambda _s: None)

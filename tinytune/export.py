@@ -93,7 +93,7 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
         raise UserError(f"--dtype {dtype!r} is unknown: choose fp16, bf16 or fp32")
     cfg = TrainConfig.load(run_dir / "config.json")
     state = rundir.load_tensors(run_dir / "adapter.safetensors")
-    rundir.check_output(out, overwrite, what="export")
+    rundir.check_output(out, overwrite)
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() else {}
     load_dtype = getattr(torch, plan.get("compute_dtype", "float32"))
 

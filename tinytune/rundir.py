@@ -31,7 +31,7 @@ def default_path(model_name: str) -> Path:
     return Path("runs") / f"{stamp}-{safe}"
 
 
-def check_output(path: Path, overwrite: bool, what: str = "run") -> None:
+def check_output(path: Path, overwrite: bool) -> None:
     """Refuse a directory that already holds something, unless told to overwrite."""
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: exists and is a file; choose a directory path")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import json
 import sys
 import tempfile
 import time
@@ -89,7 +90,7 @@ def main() -> None:
                 "per_token": per_token, "peak": peak,
                 "step_s": sum(r["step_time_s"] for r in steps[1:]) / max(1, len(steps) - 1),
                 "eval_before": evals[0], "eval_after": evals[-1], "wall_s": time.perf_counter() - t0,
-                "params": __import__("json").loads((Path(tmp) / "run" / "plan.json").read_text())["trainable_params"],
+                "params": json.loads((Path(tmp) / "run" / "plan.json").read_text())["trainable_params"],
             })
             print(f"{technique}: done in {rows[-1]['wall_s']:.0f}s", file=sys.stderr, flush=True)
             gc.collect()
