@@ -235,7 +235,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def micro_batches(examples: list[Example], micro_batch: int, seed: int, start: int = 0) -> Iterator[list[Example]]:
     """Endless stream of micro-batches, reshuffled each epoch; ``start`` skips that many micro-batches."""
-    per_epoch = max(1, len(examples) // micro_batch) if len(examples) >= micro_batch else 1
+    per_epoch = micro_batches_per_epoch(len(examples), micro_batch)
     index = start
     while True:
         epoch, pos = divmod(index, per_epoch)

@@ -88,24 +88,23 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [{"params": group_a, "lr": cfg.lr}, {"params": group_b, "lr": cfg.lr * cfg.lora_plus_ratio}]
 
 
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors by full name (``...q_proj.lora_A``) plus shared ones (``shared.vera_A``), on the CPU."""
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live tensors an adapter run saves, by name: every weight for ``full``, else each layer's
+    ``state_tensors`` plus the shared ones (``shared.vera_A``)."""
     if full.is_full(model):
-        return full.state(model)
-    out = {}
-    for name, layer in adapter_layers(model).items():
-        for key, t in layer.state_tensors().items():
-            out[f"{name}.{key}"] = t.detach().to("cpu").contiguous()
-    for key, t in getattr(model, "tinytune_shared", {}).items():
-        out[SHARED_PREFIX + key] = t.detach().to("cpu").contiguous()
+        return dict(model.named_parameters())  # tied weights appear once
+    out = {f"{n}.{k}": t for n, layer in adapter_layers(model).items() for k, t in layer.state_tensors().items()}
+    out.update({SHARED_PREFIX + k: t for k, t in getattr(model, "tinytune_shared", {}).items()})
     return out
 
 
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``load_state`` restores, detached and on the CPU."""
+    return {k: t.detach().to("cpu").contiguous() for k, t in _tensors(model).items()}
+
+
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    if full.is_full(model):
-        return full.load_state(model, tensors)
-    targets = {f"{n}.{k}": t for n, layer in adapter_layers(model).items() for k, t in layer.state_tensors().items()}
-    targets.update({SHARED_PREFIX + k: t for k, t in getattr(model, "tinytune_shared", {}).items()})
+    targets = _tensors(model)
     if set(tensors) != set(targets):
         missing, extra = sorted(set(targets) - set(tensors))[:3], sorted(set(tensors) - set(targets))[:3]
         raise ValueError(f"adapter weights do not fit this model (missing {missing}, unexpected {extra})")
@@ -115,4 +114,3 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             if target.shape != value.shape:
                 raise ValueError(f"adapter weight {key} has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
             target.copy_(value.to(target.device, target.dtype))
-
