@@ -1,6 +1,7 @@
 """Command line: one dispatch table.
 
     tinytune [train] [--vram 12GB] [options]   train an adapter (the default command)
+    tinytune plan [--model M] --vram 12GB      show the plan (and runners-up) for a memory budget
     tinytune export RUN_DIR --out DIR          merge into the base and write an HF model directory
 """
 
@@ -22,6 +23,25 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+from tinytune.planner import PLANNED  # choices planned from the memory budget unless the user pins them
+
+
+def _plan_choices(p: argparse.ArgumentParser) -> None:
+    """Flags shared by train and plan: defaults are None so that the planner knows what was pinned."""
+    p.add_argument("--vram", help="GPU memory budget, e.g. 12GB, 12 GB, 12GiB, 12000MiB, 12g (GB = GiB = 2^30 bytes)")
+    p.add_argument("--gpu", help="plan for this GPU's memory instead of --vram, e.g. rtx3060, rtx4090, t4, a100-40gb")
+    p.add_argument("--bits", type=int, default=None, help="base weights: 4 (NF4 + double quant), 8 (LLM.int8), 16 (default: planned)")
+    p.add_argument("--technique", default=None, help="lora, lora-fa, vera, delta-lora, lora-plus or full (16-bit only) (default: planned, lora)")
+    p.add_argument("--rank", type=int, default=None, help="adapter rank (default: planned; 16 without a budget)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence: longer examples are truncated "
+                   "(default: the longest example, at most 2048)")
+    p.add_argument("--batch", dest="micro_batch", type=int, default=None, help="micro-batch size (default: planned)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default: planned; "
+                   "micro-batch × accumulation = 8)")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
+    p.add_argument("--optim", default=TrainConfig().optim, help="paged-adamw-8bit (default), paged-adamw-32bit or adamw")
+
+
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an adapter (default command)", description="Train an adapter.")
     d = TrainConfig()
@@ -30,21 +50,15 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", help="JSONL (alpaca, chat or text records) or .txt file (default: the bundled demo set)")
     p.add_argument("--out", help="run directory (default: runs/<time>-<model>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--vram", help="GPU memory budget, e.g. 12GB, 12 GB, 12GiB, 12000MiB, 12g (GB = GiB = 2^30 bytes)")
-    p.add_argument("--bits", type=int, default=None, help="base weights: 4 (NF4 + double quant, default), 8 (LLM.int8), 16 (default for full)")
-    p.add_argument("--technique", default=d.technique, help="lora (default), lora-fa, vera, delta-lora, lora-plus or full (16-bit only)")
+    _plan_choices(p)
     p.add_argument("--lora-plus-ratio", type=float, default=d.lora_plus_ratio, help="LoRA+: B's lr over A's (default 16)")
     p.add_argument("--vera-d-init", type=float, default=d.vera_d_init, help="VeRA: initial d vector value (default 0.1)")
     p.add_argument("--delta-lambda", type=float, default=d.delta_lambda, help="Delta-LoRA: λ (default 2)")
     p.add_argument("--delta-start", type=int, default=None, help="Delta-LoRA: warm-up steps K (default 500, or a tenth of a shorter run)")
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names, or all-linear")
-    p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: twice the rank)")
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank) (rsLoRA)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="truncate examples to this many tokens")
-    p.add_argument("--batch", dest="micro_batch", type=int, default=d.micro_batch, help="micro-batch size")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
@@ -52,8 +66,6 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 2; on a CPU at most 30 steps)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--optim", default=d.optim, help="paged-adamw-8bit (default), paged-adamw-32bit or adamw")
-    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share for eval loss")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evals (0: four per run)")
     p.add_argument("--train-on-prompt", action="store_true", help="also compute the loss on prompt tokens")
@@ -72,23 +84,98 @@ def _export_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _pinned(args) -> dict:
+    """The planned choices the user set, and TrainConfig's defaults for the rest."""
+    d = TrainConfig()
+    out = {name: getattr(args, name, None) for name in PLANNED}
+    explicit = {name for name, v in out.items() if v is not None}
+    for name, value in out.items():
+        if value is None:
+            out[name] = getattr(d, name)
+    if "technique" in explicit and "bits" not in explicit and out["technique"] == "full":
+        out["bits"] = 16
+    elif "bits" not in explicit:
+        out["bits"] = None
+    if "alpha" not in explicit:
+        out["alpha"] = 2.0 * out["rank"]
+    out["fixed"] = tuple(sorted(explicit))
+    return out
+
+
 def cmd_train(args) -> int:
     from tinytune import train
 
     cfg = TrainConfig(
         model=args.model, data=args.data, out=args.out, overwrite=args.overwrite,
-        vram=parse_vram(args.vram) if args.vram is not None else None, bits=args.bits,
-        technique=args.technique, lora_plus_ratio=args.lora_plus_ratio, vera_d_init=args.vera_d_init,
+        vram=parse_vram(args.vram) if args.vram is not None else None, gpu=args.gpu,
+        lora_plus_ratio=args.lora_plus_ratio, vera_d_init=args.vera_d_init,
         delta_lambda=args.delta_lambda, delta_start=args.delta_start, targets=tuple(t.strip() for t in args.targets.split(",")),
-        rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-        dropout=args.dropout, rslora=args.rslora, seq_len=args.seq_len, micro_batch=args.micro_batch,
-        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        dropout=args.dropout, rslora=args.rslora, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, epochs=args.epochs, seed=args.seed,
-        optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, eval_fraction=args.eval_fraction,
+        optim=args.optim, eval_fraction=args.eval_fraction,
         eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, device=args.device, sample=args.sample,
+        **_pinned(args),
     )
     train.run(cfg)
     return 0
+
+
+def _plan_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("plan", help="show the plan for a memory budget (offline, no weights needed)",
+                       description="Plan technique, rank, bits, micro-batch and checkpointing for a memory budget.")
+    p.add_argument("--model", help="a preset (" + ", ".join(_preset_names()) + "), an HF model directory, "
+                   "a model id in the local HF cache or a .gguf file (default: smollm2-135m, the embedded default)")
+    _plan_choices(p)
+    p.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear")
+    p.add_argument("--dropout", type=float, default=TrainConfig().dropout)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def _preset_names() -> list[str]:
+    from tinytune import presets
+
+    return presets.model_names()
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from tinytune import planner
+    from tinytune.memory.estimate import ModelShape
+
+    if args.model is None:
+        from tinytune import presets
+
+        shape = presets.model_shape("smollm2-135m")
+    else:
+        shape = _shape_for(args.model)
+    pinned = _pinned(args)
+    cfg = TrainConfig(optim=args.optim, dropout=args.dropout, targets=tuple(t.strip() for t in args.targets.split(",")),
+                      **{k: v for k, v in pinned.items() if k != "fixed"})
+    budget = planner.resolve_budget(parse_vram(args.vram) if args.vram is not None else None, args.gpu, "cuda", args.vram)
+    if budget is None:
+        raise UserError("no CUDA GPU here to measure: pass --vram 12GB or --gpu rtx3060 to plan for a card")
+    seq_len = args.seq_len or min(2048, shape.max_context or 2048)
+    plan = planner.make_plan(shape, budget, seq_len, planner.fixed_from_config(cfg, set(pinned["fixed"])))
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else planner.render(plan))
+    return 0
+
+
+def _shape_for(model: str):
+    """A preset by name, else the config of a local model (no weights are read)."""
+    from tinytune import presets
+    from tinytune.memory.estimate import ModelShape
+
+    try:
+        return presets.model_shape(model)
+    except UserError:
+        if not (os.path.sep in model or "/" in model or model.endswith(".gguf") or os.path.exists(model)):
+            raise
+    from tinytune import loading
+
+    source = loading.resolve_source(model)
+    return ModelShape.from_config(loading.load_config(source), name=source.name)
 
 
 def cmd_export(args) -> int:
@@ -100,7 +187,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": (_train_parser, cmd_train), "export": (_export_parser, cmd_export)}
+COMMANDS = {"train": (_train_parser, cmd_train), "plan": (_plan_parser, cmd_plan), "export": (_export_parser, cmd_export)}
 
 
 def build_parser() -> argparse.ArgumentParser:

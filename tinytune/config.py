@@ -73,6 +73,8 @@ class TrainConfig:
     """Allow writing into a directory that already holds a run."""
     vram: int | None = None
     """Memory budget in bytes (None = whatever the device has)."""
+    gpu: str | None = None
+    """Plan for this GPU profile's memory (profiles/gpus.json) instead of ``vram``."""
     bits: int | None = None
     """Base weights: 4 = NF4 + double quantization, 8 = LLM.int8, 16 = bf16/fp16 (fp32 on CPU).
     None = 4 for adapters, 16 for full fine-tuning."""
@@ -114,10 +116,16 @@ class TrainConfig:
     device: str = "auto"
     sample: bool = True
     """Generate a before/after sample from a held-out prompt."""
+    fixed: tuple[str, ...] | None = None
+    """Fields the user pinned when the rest is planned from the memory budget (technique, rank,
+    bits, seq_len, micro_batch, grad_accum, gradient_checkpointing, alpha); None = use every field as
+    given, no planning."""
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        if self.fixed is not None:
+            self.fixed = tuple(self.fixed)
         if self.bits is None:
             self.bits = 16 if self.technique == "full" else 4
         if self.technique not in TECHNIQUES:
@@ -167,6 +175,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d.pop("_extra")
         d["targets"] = list(self.targets)
+        if self.fixed is not None:
+            d["fixed"] = list(self.fixed)
         return d
 
     @classmethod

@@ -17,10 +17,12 @@ from typing import Callable
 import torch
 
 from tinytune import adapters, data, loading, planner, rundir
-from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, TrainConfig
+from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, GIB, TrainConfig
+from tinytune.errors import UserError
 from tinytune.export import PEFT_TECHNIQUES, save_peft_adapter
 from tinytune.loss import causal_lm_loss_sum
 from tinytune.memory import probe
+from tinytune.memory.estimate import ModelShape
 from tinytune.progress import ProgressBar
 
 Listener = Callable[[dict], None]
@@ -132,6 +134,39 @@ def planned_steps(cfg: TrainConfig, per_epoch: int, device: torch.device, say) -
     return steps
 
 
+def calibrate(model, shape, plan, cfg: TrainConfig, pinned: set[str], device, dtype, say):
+    """Measure one micro-step at a short length on the GPU and correct the plan's activation figures.
+
+    The measured growth of allocated memory over the weights is compared with the estimate at the
+    same shape; if activations came out larger, the plan is remade with them scaled (the base
+    precision, technique and rank stay: the model is already loaded).
+    """
+    short = min(cfg.seq_len, 256)
+    ids = torch.randint(0, shape.vocab, (cfg.micro_batch, short), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    loss_sum, n = forward_loss(model, batch, device, dtype)
+    (loss_sum / max(1, n)).backward()
+    torch.cuda.synchronize(device)
+    measured = torch.cuda.max_memory_allocated(device) - base
+    model.zero_grad(set_to_none=True)
+    small = planner.estimate_for(shape, cfg, "cuda", seq_len=short)
+    scale = planner.calibration_scale(small, measured)
+    say(f"calibration: {cfg.micro_batch}×{short} tokens grew allocated memory by {measured / GIB:.3f} GiB "
+        f"(estimate {planner.dynamic_bytes(small) / GIB:.3f}); activation scale {scale:.2f}")
+    if scale <= 1.0:
+        return plan
+    keep = pinned | {"technique", "bits", "rank"}
+    new = planner.make_plan(shape, plan.budget, cfg.seq_len, planner.fixed_from_config(cfg, keep), activation_scale=scale)
+    planner.apply(new, cfg, keep)
+    return new
+
+
 def enable_checkpointing(model) -> None:
     """Recompute each decoder layer in backward (non-reentrant: works with frozen inputs)."""
     kwargs = {"use_reentrant": False}
@@ -150,15 +185,33 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
     # 1. Check every input before anything is written.
     source = loading.resolve_source(cfg.model)
     model_config = loading.load_config(source)
+    shape = ModelShape.from_config(model_config, source.name)
     data_path = Path(cfg.data) if cfg.data else data.demo_path()
     out = Path(cfg.out) if cfg.out else rundir.default_path(source.name)
     rundir.check_output(out, cfg.overwrite)
     device = loading.pick_device(cfg.device)
     dtype = loading.compute_dtype(device)
+    budget = planner.resolve_budget(cfg.vram, cfg.gpu, device.type, f"{cfg.vram / GIB:g}GiB" if cfg.vram else None)
+    pinned = set(planner.PLANNED if cfg.fixed is None else cfg.fixed)
+    if "seq_len" not in pinned:  # plan for the longest example, up to 2,048 tokens
+        cfg.seq_len = min(planner.DEFAULT_SEQ_CAP, shape.max_context or planner.DEFAULT_SEQ_CAP)
+    if shape.max_context and cfg.seq_len > shape.max_context:
+        raise UserError(f"--seq-len {cfg.seq_len} is beyond {shape.name}'s context of {shape.max_context} tokens; "
+                        f"use --seq-len {shape.max_context} or less")
     tok = loading.load_tokenizer(source)
     ds = data.build(data_path, tok, cfg.seq_len, cfg.eval_fraction, cfg.train_on_prompt, cfg.seed)
+    if "seq_len" not in pinned:
+        cfg.seq_len = max(len(e.input_ids) for e in ds.train + ds.eval)
     say(f"data: {data_path.name} ({ds.format}, {ds.n_records} records) → {len(ds.train)} train / {len(ds.eval)} eval examples; "
         f"{ds.n_truncated} truncated to {cfg.seq_len} tokens, {ds.n_dropped} dropped (nothing left to learn)")
+    plan = None
+    if budget is not None:
+        plan = planner.make_plan(shape, budget, cfg.seq_len, planner.fixed_from_config(cfg, pinned))
+        planner.apply(plan, cfg, pinned)
+        say(f"plan: {plan.chosen.label()}, micro-batch {cfg.micro_batch} × {cfg.grad_accum}, "
+            f"{'gradient checkpointing' if cfg.gradient_checkpointing else 'no gradient checkpointing'}; predicted peak "
+            f"{plan.chosen.est.peak / GIB:.2f} GiB, need {plan.chosen.est.needed / GIB:.2f} of {budget.bytes / GIB:.2f} GiB "
+            f"({budget.source}{'; CPU run: fp32 activations' if device.type == 'cpu' else ''})")
 
     # 2. Load, adapt, plan.
     torch.manual_seed(cfg.seed)
@@ -169,9 +222,12 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
     layers = adapters.apply(model, cfg, total_steps)
     params = adapters.trainable(model)
     n_trainable = sum(p.numel() for p in params)
-    plan = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
+    if plan is not None and device.type == "cuda":
+        plan = calibrate(model, shape, plan, cfg, pinned, device, dtype, say)
+    record = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
+    record.update(planner.predicted(shape, cfg, device.type, plan))
     if cfg.technique == "delta-lora":
-        plan["delta_start"] = adapters.delta_start(cfg, total_steps)
+        record["delta_start"] = adapters.delta_start(cfg, total_steps)
     say(f"model: {source.name} ({source.kind}) at {cfg.bits}-bit on {probe.describe(device)}, loaded in "
         f"{time.perf_counter() - t0:.1f}s; "
         f"{'full fine-tuning' if cfg.technique == 'full' else f'{cfg.technique} r={cfg.rank} on {len(layers)} layers'}, "
@@ -179,7 +235,7 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
 
     rundir.create(out, cfg.overwrite)
     cfg.save(out / "config.json")
-    rundir.write_json(out / "plan.json", plan)
+    rundir.write_json(out / "plan.json", record)
     metrics = rundir.MetricsWriter(out / "metrics.jsonl")
 
     if cfg.gradient_checkpointing:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tinytune.adapters.base import matched
 from tinytune.adapters.lora import LoRALinear
 
 
@@ -35,11 +36,11 @@ class DeltaLoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) → (..., d_out)."""
         result = self.base(x)
-        xf = x.to(self.lora_A.dtype)
-        branch = (xf @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+        a, b = matched(self.lora_A, x), matched(self.lora_B, x)
+        branch = (x @ a.t()) @ b.t() * self.scaling
         if bool(self.active):
-            follow = (xf @ self.lora_A.detach().t()) @ self.lora_B.detach().t()
-            origin = (xf @ self.snap_A.t()) @ self.snap_B.t()
+            follow = (x @ a.detach().t()) @ b.detach().t()
+            origin = (x @ matched(self.snap_A, x).t()) @ matched(self.snap_B, x).t()
             branch = branch + (self.delta_lambda * self.scaling) * (follow - origin)
         return result + branch.to(result.dtype)
 

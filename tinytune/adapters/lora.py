@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from tinytune.adapters.base import AdapterLayer
+from tinytune.adapters.base import AdapterLayer, matched
 
 
 class LoRALinear(AdapterLayer):
@@ -30,7 +30,7 @@ class LoRALinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) → (..., d_out)."""
         result = self.base(x)
-        branch = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
+        branch = self.dropout(x) @ matched(self.lora_A, x).t() @ matched(self.lora_B, x).t()
         return result + (branch * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

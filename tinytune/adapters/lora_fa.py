@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tinytune.adapters.base import matched
 from tinytune.adapters.lora import LoRALinear
 
 
@@ -27,5 +28,5 @@ class LoRAFALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) → (..., d_out); autograd keeps x·A (..., r), not x."""
         result = self.base(x)
-        projected = self.dropout(x.to(self.lora_A.dtype) @ self.lora_A.t())
-        return result + ((projected @ self.lora_B.t()) * self.scaling).to(result.dtype)
+        projected = self.dropout(x @ matched(self.lora_A, x).t())
+        return result + ((projected @ matched(self.lora_B, x).t()) * self.scaling).to(result.dtype)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from tinytune.adapters.base import AdapterLayer
+from tinytune.adapters.base import AdapterLayer, matched
 
 
 def shared_matrices(rank: int, max_in: int, max_out: int, seed: int, device) -> dict[str, torch.Tensor]:
@@ -44,7 +44,8 @@ class VeRALinear(AdapterLayer):
         """x: (..., d_in) → (..., d_out)."""
         result = self.base(x)
         a, b = self._slices()
-        branch = self.vera_lambda_b * ((self.vera_lambda_d * (self.dropout(x).to(a.dtype) @ a.t())) @ b.t())
+        projected = matched(self.vera_lambda_d, x) * (self.dropout(x) @ matched(a, x).t())
+        branch = matched(self.vera_lambda_b, x) * (projected @ matched(b, x).t())
         return result + branch.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

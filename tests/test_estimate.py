@@ -1,0 +1,165 @@
+"""The estimator against what real (tiny) models allocate and save, on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
+
+from tinytune import adapters, quant
+from tinytune.config import TrainConfig
+from tinytune.loss import causal_lm_loss_sum
+from tinytune.memory import estimate as E
+from tinytune.memory.probe import saved_activation_bytes
+
+SHAPE_KW = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW)).to(dtype)
+    model.requires_grad_(False)
+    if bits != 16:
+        for layer in model.model.layers:
+            for name, mod in list(layer.named_modules()):
+                if type(mod) is torch.nn.Linear:
+                    parent, _, attr = name.rpartition(".")
+                    setattr(layer.get_submodule(parent), attr, quant.quantize_linear(mod, bits, torch.device("cpu"), dtype))
+    adapters.apply(model, TrainConfig(technique=technique, rank=rank, alpha=2 * rank, dropout=dropout, bits=bits), 100)
+    return model
+
+
+def _saved(model, batch: int, seq: int, padded: bool) -> int:
+    model.train()
+    ids = torch.randint(0, 256, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded:
+        mask[-1, seq // 2:] = 0
+
+    def run():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
+        loss.backward()
+
+    return saved_activation_bytes(model, run)
+
+
+CASES = [
+    ("lora", 16, 0.0, torch.float32), ("lora", 4, 0.05, torch.float32), ("lora", 8, 0.0, torch.float32),
+    ("lora-plus", 4, 0.0, torch.float32), ("delta-lora", 4, 0.0, torch.float32),
+    ("lora-fa", 4, 0.0, torch.float32), ("lora-fa", 4, 0.05, torch.float32),
+    ("vera", 4, 0.0, torch.float32), ("vera", 4, 0.05, torch.float32), ("full", 16, 0.0, torch.float32),
+    ("lora", 16, 0.0, torch.bfloat16), ("lora", 4, 0.05, torch.bfloat16), ("lora-fa", 16, 0.0, torch.bfloat16),
+    ("vera", 16, 0.0, torch.bfloat16), ("full", 16, 0.0, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("technique,bits,dropout,dtype", CASES, ids=[f"{c[0]}-{c[1]}bit-p{c[2]}-{str(c[3])[6:]}" for c in CASES])
+def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, padded):
+    """One decoder layer's saved tensors, as autograd reports them, equal the formula byte for byte.
+
+    The difference between a 4-layer and a 2-layer model isolates two layers from the embedding
+    and loss. In bf16 without autocast each layer also keeps bf16 copies of its fp32 adapter weights.
+    """
+    rank, batch, seq = 8, 2, 32
+    per_two = _saved(_model(4, bits, technique, rank, dropout, dtype), batch, seq, padded) - _saved(
+        _model(2, bits, technique, rank, dropout, dtype), batch, seq, padded)
+    shape = E.ModelShape.from_config(tiny_llama_config(**SHAPE_KW))
+    # "cpu" counts fp32 activations; the bf16 cases use the CUDA activation size with CPU dropout masks.
+    setup = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
+                    device="cpu", padded=padded)
+    d = 2 if dtype == torch.bfloat16 else 4
+    per_token = E.layer_saved_bytes_per_token(shape, setup)
+    if d == 2:  # same formula at 2 bytes per element; dropout masks stay in the dtype on a CPU
+        setup16 = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
+                          device="cuda", padded=padded)
+        per_token = E.layer_saved_bytes_per_token(shape, setup16)
+        if dropout and technique != "full":
+            n_in = sum(i for i, _ in shape.linears().values())
+            per_token += (d - 1) * (n_in if technique != "lora-fa" else rank * 7)
+    casts = 0
+    if d == 2:
+        trainable, stored, _ = E.adapter_params(shape, setup16)
+        if technique == "vera":
+            stored -= rank * (64 + 160)  # the shared matrices themselves are the model's, once
+        casts = E.adapter_cast_bytes(shape, setup16, trainable, stored) // shape.layers
+    assert per_two / 2 == per_token * batch * seq + casts
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("technique", ["lora", "lora-fa", "vera", "delta-lora"])
+def test_weight_and_adapter_bytes_match_the_model(bits, technique):
+    """Base weights (with bitsandbytes' quantization state) and adapter tensors, counted on a real model."""
+    cfg = tiny_llama_config(num_hidden_layers=2, **SHAPE_KW)
+    model = _model(2, bits, technique, 8, 0.0, torch.float32)
+    shape = E.ModelShape.from_config(cfg)
+    setup = E.Setup(technique=technique, rank=8, bits=bits, device="cpu")
+
+    linear_bytes, other_bytes, adapter_bytes = 0, 0, 0
+    for name, module in model.named_modules():
+        if quant.is_linear(module) and ".layers." in name and not isinstance(module, adapters.AdapterLayer):
+            w = module.weight
+            linear_bytes += w.numel() * w.element_size()
+            qs = getattr(w, "quant_state", None)
+            if qs is not None:  # 4-bit: absmax codes, their fp32 scales, the NF4 code book
+                linear_bytes += qs.absmax.numel() * qs.absmax.element_size()
+                linear_bytes += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+            scb = getattr(w, "SCB", None)
+            if scb is not None:
+                linear_bytes += scb.numel() * scb.element_size()
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if ".layers." in name and (name.endswith(".weight") and ".base." in name or "proj.weight" in name):
+            continue
+        if "rotary_emb" in name:  # RoPE's inverse frequencies: 16 numbers, left out of the estimate
+            continue
+        if any(k in name for k in ("lora_", "vera_", "snap_")):
+            adapter_bytes += p.numel() * p.element_size()
+        elif name != "active" and not name.endswith(".active"):
+            other_bytes += p.numel() * p.element_size()
+    adapter_bytes += sum(t.numel() * t.element_size() for t in getattr(model, "tinytune_shared", {}).values())
+
+    trainable, stored, _ = E.adapter_params(shape, setup)
+    assert trainable == sum(p.numel() for p in adapters.trainable(model))
+    assert adapter_bytes == stored * 4
+    assert other_bytes == E.unquantized_bytes(shape, setup)
+    assert linear_bytes == pytest.approx(E.base_weight_bytes(shape, setup), rel=0.002)
+
+
+def test_full_fine_tuning_counts_every_parameter():
+    cfg = tiny_llama_config(num_hidden_layers=2, **SHAPE_KW)
+    shape = E.ModelShape.from_config(cfg)
+    model = LlamaForCausalLM(cfg)
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+    est = E.estimate(shape, E.Setup(technique="full", bits=16, device="cpu", optim="adamw"))
+    assert est.trainable_params == shape.n_params
+    assert est.components["gradients"] == shape.n_params * 4
+    assert est.components["optimizer states"] == shape.n_params * 8
+
+
+def test_presets_size_like_the_published_models():
+    """Parameter counts of the shape presets against the sizes their makers publish."""
+    from tinytune import presets
+
+    published = {"llama-3.1-8b": 8.03e9, "llama-3.2-1b": 1.24e9, "llama-3.2-3b": 3.21e9, "mistral-7b": 7.25e9,
+                 "qwen2.5-7b": 7.62e9, "smollm2-135m": 134.5e6, "smollm2-360m": 361.8e6, "smollm2-1.7b": 1.71e9}
+    for name, n in published.items():
+        assert presets.model_shape(name).n_params == pytest.approx(n, rel=0.01), name
+
+
+def test_checkpointing_and_techniques_order_memory_as_expected():
+    from tinytune import presets
+
+    shape = presets.model_shape("llama-3.1-8b")
+    base = E.Setup(seq_len=2048)
+    lora, no_ckpt = E.estimate(shape, base), E.estimate(shape, E.with_(base, gradient_checkpointing=False))
+    assert no_ckpt.components["activations"] > 10 * lora.components["activations"]
+    fa = E.estimate(shape, E.with_(base, technique="lora-fa", gradient_checkpointing=False))
+    assert fa.components["activations"] < no_ckpt.components["activations"]
+    vera = E.estimate(shape, E.with_(base, technique="vera", rank=256))
+    assert vera.trainable_params < lora.trainable_params / 10
+    assert E.estimate(shape, E.with_(base, bits=16)).peak > E.estimate(shape, E.with_(base, bits=8)).peak > lora.peak
+    # NF4 8B: 6.98B decoder linear params ≈ 3.35 GiB, + 1.96 GiB of bf16 embeddings and head.
+    assert 3.3 < lora.components["base weights"] / E.GIB < 3.4
+    assert 1.8 < lora.components["embeddings, norms, head"] / E.GIB < 2.1

@@ -1,0 +1,349 @@
+"""Predicted memory of a training run, from shapes alone (no weights, no device).
+
+Every figure is bytes, and every component is a separate function of a ``ModelShape`` and a
+``Setup`` so a plan can show where its memory goes. What autograd keeps per decoder layer was
+derived op by op from the transformers Llama layer and checked against ``saved_tensors_hooks`` on
+real (tiny) models for every technique, 4/8/16-bit bases, fp32 and bf16, with and without dropout
+and padding: tests/test_estimate.py holds those checks.
+
+Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32):
+
+- each RMSNorm keeps its fp32 input and the reciprocal RMS: 4h + 4 (×2 norms);
+- attention keeps RoPE'd q and k, v and the output for SDPA (flash / memory-efficient, never an s×s
+  matrix) plus fp32 log-sum-exp per head; with a padding mask transformers expands k/v to every
+  head and SDPA keeps the mask as an additive bias (s values per token);
+- the MLP keeps gate, silu(gate) and up (3 × d·i);
+- a linear layer whose input a trainable matrix multiplies (LoRA's A, a full weight) keeps its
+  input (once per distinct input), or with dropout its dropped copy plus the mask; every LoRA branch
+  keeps x·A (d·r); VeRA keeps x·A (d·r) and the branch output before λ_b (d·out); LoRA-FA, whose A
+  is frozen, keeps neither x nor a copy.
+
+With gradient checkpointing only each layer's input (d·h per token) is kept for the whole model;
+one layer's set above exists again while its backward runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+GIB = 2**30
+
+# NF4 + double quantization: 4 bits, one 8-bit absmax per 64 weights, one fp32 per 256 absmax blocks.
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # driver, kernels and cuBLAS workspace: outside the allocator
+ALLOCATOR_SLACK = 0.06  # caching-allocator fragmentation: reserved ≈ 1.06 × allocated at peak
+BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer states for tensors smaller than this
+LOSS_CHUNK = 1024  # tokens per chunk of the output head + cross-entropy (tinytune.loss)
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_TECHNIQUES = ("lora", "lora-fa", "vera", "delta-lora", "lora-plus")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimator needs to know about a decoder: a transformers config, reduced."""
+
+    name: str
+    model_type: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    max_context: int
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config, name: str = "") -> "ModelShape":
+        get = (lambda k, default=None: config.get(k, default)) if isinstance(config, dict) else (
+            lambda k, default=None: getattr(config, k, default))
+        heads = get("num_attention_heads")
+        hidden = get("hidden_size")
+        model_type = get("model_type")
+        return cls(
+            name=name or get("_name_or_path", "") or model_type, model_type=model_type,
+            layers=get("num_hidden_layers"), hidden=hidden, intermediate=get("intermediate_size"), heads=heads,
+            kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or hidden // heads,
+            vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", False)),
+            max_context=get("max_position_embeddings") or 0,
+            qkv_bias=bool(get("attention_bias", False)) or model_type == "qwen2",
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder layer."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params_per_layer(self) -> int:
+        return sum(i * o for i, o in self.linears().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def n_params(self) -> int:
+        norms = (2 * self.layers + 1) * self.hidden
+        bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return self.layers * self.linear_params_per_layer + self.embedding_params + norms + bias
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The choices that decide memory; ``device`` is "cuda" (bf16/fp16 compute) or "cpu" (fp32)."""
+
+    technique: str = "lora"
+    rank: int = 16
+    bits: int = 4
+    micro_batch: int = 1
+    seq_len: int = 512
+    gradient_checkpointing: bool = True
+    optim: str = "paged-adamw-8bit"
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("all-linear",)
+    device: str = "cuda"
+    padded: bool | None = None
+    """Whether batches carry a padding mask; None = whenever micro_batch > 1."""
+    loss_chunk: int = LOSS_CHUNK
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.device == "cuda" else 4
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def has_mask(self) -> bool:
+        return self.micro_batch > 1 if self.padded is None else self.padded
+
+    def adapted(self, shape: ModelShape) -> list[str]:
+        if self.technique == "full":
+            return list(LINEAR_NAMES)
+        if "all-linear" in self.targets:
+            return list(LINEAR_NAMES)
+        return [n for n in LINEAR_NAMES if n in self.targets]
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes per component; ``peak`` is what the GPU must hold at the worst moment."""
+
+    shape: ModelShape
+    setup: Setup
+    components: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    trainable_params: int = 0
+
+    @property
+    def peak(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def allocator_peak(self) -> int:
+        """What ``torch.cuda.max_memory_allocated`` should read: paged optimizer state lives in
+        unified memory outside PyTorch's allocator."""
+        paged = self.setup.optim.startswith("paged") and self.setup.device == "cuda"
+        return self.peak - (self.components.get("optimizer states", 0) if paged else 0)
+
+    @property
+    def overhead(self) -> int:
+        """Allocator slack and the CUDA context: memory the card loses beyond live tensors."""
+        if self.setup.device != "cuda":
+            return 0
+        return int(ALLOCATOR_SLACK * self.peak) + CUDA_CONTEXT_BYTES
+
+    @property
+    def needed(self) -> int:
+        return self.peak + self.overhead
+
+    def table(self) -> list[tuple[str, int, str]]:
+        rows = [(k, v, self.notes.get(k, "")) for k, v in self.components.items()]
+        if self.overhead:
+            rows.append(("allocator slack + CUDA context", self.overhead,
+                         f"{ALLOCATOR_SLACK:.0%} of the peak + {CUDA_CONTEXT_BYTES / GIB:.1f} GiB context"))
+        return rows
+
+
+# --- static memory ---------------------------------------------------------------------------------
+
+def base_weight_bytes(shape: ModelShape, setup: Setup) -> int:
+    """The decoder's linear layers as they sit on the device."""
+    n = shape.layers * shape.linear_params_per_layer
+    if setup.bits == 4:
+        return int(n * NF4_BYTES_PER_PARAM)
+    if setup.bits == 8:
+        outs = sum(o for _, o in shape.linears().values())
+        return n + shape.layers * outs * 4  # int8 rows + one fp32 scale per row
+    return n * setup.act_bytes
+
+
+def unquantized_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Embeddings, head, norms (and q/k/v biases), kept in the compute dtype."""
+    return (shape.n_params - shape.layers * shape.linear_params_per_layer) * setup.act_bytes
+
+
+def adapter_params(shape: ModelShape, setup: Setup) -> tuple[int, int, int]:
+    """(trainable, stored fp32, tensors ≥ bitsandbytes' 8-bit threshold among the trainable)."""
+    lin = shape.linears()
+    names = setup.adapted(shape)
+    r = setup.rank
+    if setup.technique == "full":
+        return shape.n_params, 0, shape.n_params
+    if setup.technique == "vera":
+        trainable = shape.layers * sum(lin[n][1] + r for n in names)
+        max_in = max(lin[n][0] for n in names)
+        max_out = max(lin[n][1] for n in names)
+        big = shape.layers * sum(lin[n][1] for n in names if lin[n][1] >= BNB_8BIT_MIN_SIZE)
+        return trainable, trainable + r * (max_in + max_out), big
+    per = {n: r * (lin[n][0] + lin[n][1]) for n in names}
+    stored = shape.layers * sum(per.values())
+    if setup.technique == "lora-fa":
+        trainable = shape.layers * sum(r * lin[n][1] for n in names)
+        big = shape.layers * sum(r * lin[n][1] for n in names if r * lin[n][1] >= BNB_8BIT_MIN_SIZE)
+    else:
+        trainable = stored
+        big = shape.layers * sum(r * f for n in names for f in lin[n] if r * f >= BNB_8BIT_MIN_SIZE)
+    if setup.technique == "delta-lora":
+        stored *= 2  # the A/B snapshot W's follow term starts from
+    return trainable, stored, big
+
+
+def optimizer_bytes(trainable: int, big: int, optim: str, param_bytes: int) -> int:
+    """Adam's two moments: 8-bit blockwise (2 bytes + an fp32 absmax per 256) or in 32 bits."""
+    if optim == "paged-adamw-8bit":
+        small = trainable - big
+        return int(big * (2 + 2 * 4 / 256)) + small * 8
+    if optim == "adamw":
+        return trainable * 2 * param_bytes
+    return trainable * 8
+
+
+# --- activations -----------------------------------------------------------------------------------
+
+def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
+    """Bytes autograd keeps per token for one decoder layer without checkpointing (see module doc)."""
+    d = setup.act_bytes
+    mask_b = 1 if setup.device == "cuda" else d  # dropout masks: bool on CUDA, the dtype on CPU
+    h, i, r, t = shape.hidden, shape.intermediate, setup.rank, setup.technique
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    lin = shape.linears()
+    names = setup.adapted(shape)
+    full = t == "full"
+
+    total = 2 * (4 * h + 4)  # two RMSNorms
+    if full:
+        total += 2 * d * h  # the normalized input kept for the norm weight's gradient
+    total += d * (q + q + kv + kv) + 4 * shape.heads  # q, out, k, v + log-sum-exp
+    if setup.has_mask:
+        total += 2 * d * (q - kv) + d * setup.seq_len  # k/v repeated to every head + the additive mask
+    total += 3 * d * i  # gate, silu(gate), up
+
+    needs_x = full or t in ("lora", "lora-plus", "delta-lora")
+    dropout = setup.dropout > 0 and not full and t != "delta-lora"
+    groups = {"q_proj": "in1", "k_proj": "in1", "v_proj": "in1", "o_proj": "attn", "gate_proj": "in2",
+              "up_proj": "in2", "down_proj": "act"}
+    kept_inputs = set()
+    for n in names:
+        n_in, n_out = lin[n]
+        if dropout and t != "lora-fa":
+            total += mask_b * n_in + (d * n_in if needs_x else 0)
+        elif needs_x:
+            kept_inputs.add(groups[n])
+        if t == "lora-fa":
+            total += d * r + (mask_b * r if dropout else 0)
+        elif t == "vera":
+            total += d * r + d * n_out
+        elif not full:
+            total += d * r
+    sizes = {"in1": h, "in2": h, "act": i, "attn": 0}  # the attention output is kept by SDPA already
+    total += sum(d * sizes[g] for g in kept_inputs)
+    return total
+
+
+def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
+    """(kept for the whole step, one layer's set rebuilt during its backward)."""
+    d, n = setup.act_bytes, setup.tokens
+    per_layer = layer_saved_bytes_per_token(shape, setup) * n
+    final = (4 * shape.hidden + 4 + d * shape.hidden) * n  # final norm + the head's input
+    if setup.gradient_checkpointing:
+        return int(shape.layers * d * shape.hidden * n + final), int(per_layer)
+    return int(shape.layers * per_layer + final), 0
+
+
+def adapter_cast_bytes(shape: ModelShape, setup: Setup, trainable: int, stored: int) -> int:
+    """16-bit copies of the fp32 adapter weights each layer multiplies by, kept for backward
+    (autocast caches them once per step; VeRA's shared A and B are cast again by every layer)."""
+    if setup.technique == "full" or setup.act_bytes == 4:
+        return 0
+    if setup.technique == "vera":
+        lin = shape.linears()
+        return (trainable + shape.layers * setup.rank * sum(sum(lin[n]) for n in setup.adapted(shape))) * setup.act_bytes
+    return stored * setup.act_bytes
+
+
+def backward_work_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Gradients in flight through one layer: the residual stream's and the MLP intermediates'."""
+    d, n = setup.act_bytes, setup.tokens
+    return (3 * d * shape.hidden + 3 * d * shape.intermediate) * n
+
+
+def loss_bytes(shape: ModelShape, setup: Setup) -> int:
+    """One chunk of logits: head output, its fp32 copy, log-softmax and its gradient."""
+    chunk = min(setup.loss_chunk or setup.tokens, setup.tokens)
+    return chunk * shape.vocab * (setup.act_bytes + 4 + 4 + 4)
+
+
+def dequant_scratch_bytes(shape: ModelShape, setup: Setup) -> int:
+    """A quantized layer's weight dequantized for one matmul (4-bit), or int8 matmul buffers (8-bit)."""
+    if setup.bits == 16 or setup.device != "cuda":
+        return 0
+    biggest = max(i * o for i, o in shape.linears().values())
+    if setup.bits == 4:
+        return biggest * setup.act_bytes
+    widest = max(o for _, o in shape.linears().values())
+    return biggest * setup.act_bytes + setup.tokens * (widest * 4 + shape.intermediate)
+
+
+def estimate(shape: ModelShape, setup: Setup) -> Estimate:
+    """Predicted peak memory of one training step, by component."""
+    if setup.technique == "full" and setup.bits != 16:
+        raise ValueError("full fine-tuning needs a 16-bit base")
+    trainable, stored, big = adapter_params(shape, setup)
+    est = Estimate(shape, setup, trainable_params=trainable)
+    c, notes = est.components, est.notes
+    param_bytes = setup.act_bytes if setup.technique == "full" else 4
+    bits_note = {4: "NF4 + double quant, 4.13 bits/param", 8: "LLM.int8, int8 + fp32 row scales",
+                 16: f"{8 * setup.act_bytes}-bit"}[setup.bits]
+    c["base weights"] = base_weight_bytes(shape, setup)
+    notes["base weights"] = f"{shape.layers * shape.linear_params_per_layer / 1e9:.2f}B decoder linear params, {bits_note}"
+    c["embeddings, norms, head"] = unquantized_bytes(shape, setup)
+    notes["embeddings, norms, head"] = f"{'tied' if shape.tied else 'untied'} {shape.vocab:,}-token vocab, unquantized"
+    if setup.technique != "full":
+        c["adapter weights"] = stored * 4 + adapter_cast_bytes(shape, setup, trainable, stored)
+        notes["adapter weights"] = f"{trainable:,} trainable, fp32" + (" + bf16 autocast copies" if setup.act_bytes == 2 else "")
+    c["gradients"] = trainable * param_bytes
+    c["optimizer states"] = optimizer_bytes(trainable, big, setup.optim, param_bytes)
+    notes["optimizer states"] = setup.optim + (" (unified memory, evictable to host)" if setup.optim.startswith("paged") else "")
+    kept, rebuilt = activation_bytes(shape, setup)
+    c["activations"] = kept
+    notes["activations"] = (f"{setup.micro_batch}×{setup.seq_len} tokens, "
+                            + ("layer inputs only (gradient checkpointing)" if setup.gradient_checkpointing
+                               else "every layer's saved tensors"))
+    loss = loss_bytes(shape, setup)
+    layer = rebuilt + backward_work_bytes(shape, setup) + dequant_scratch_bytes(shape, setup)
+    c["backward working set"] = max(loss, layer)
+    notes["backward working set"] = (f"logits of {min(setup.loss_chunk or setup.tokens, setup.tokens)} tokens" if loss >= layer
+                                     else "one layer recomputed + its gradients" if rebuilt
+                                     else "gradients through one layer")
+    return est
+
+
+def with_(setup: Setup, **changes) -> Setup:
+    return replace(setup, **changes)
