@@ -227,3 +227,52 @@ def load_model(source: ModelSource, bits: int, device: torch.device, dtype: torc
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
+
+
+def build_random(config, bits: int, device: torch.device, dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+    """A random-init model of ``config`` built straight at ``bits`` on ``device``, layer by layer.
+
+    The skeleton is made on the meta device; each decoder linear gets a random weight on the device
+    (one at a time, then quantized), so neither a 16-bit copy of the model nor weights on disk
+    exist. Benchmarks use it for real shapes without downloads.
+    """
+    _quiet()
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or compute_dtype(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std = getattr(config, "initializer_range", 0.02)
+    config.use_cache = False
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.requires_grad_(False)
+
+    def random(shape) -> torch.Tensor:
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=gen)
+
+    for layer in decoder_layers(model):
+        for name, child in list(layer.named_modules()):
+            if type(child) is nn.Linear:
+                real = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                real.weight = nn.Parameter(random((child.out_features, child.in_features)), requires_grad=False)
+                if child.bias is not None:
+                    real.bias = nn.Parameter(torch.zeros(child.out_features, device=device, dtype=dtype), requires_grad=False)
+                parent_name, _, attr = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                setattr(parent, attr, quant.quantize_linear(real, bits, device, dtype) if bits in (4, 8) else real)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                value = random(p.shape) if p.dim() > 1 else torch.ones(p.shape, device=device, dtype=dtype)
+                setattr(module, name, nn.Parameter(value, requires_grad=False))
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "inv_freq"):
+            with torch.device(device):
+                fresh = type(module)(config=model.config)
+            for name, b in fresh.named_buffers(recurse=False):
+                setattr(module, name, b)
+    if getattr(config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.eval()
+    model.tinytune_bits = bits
+    return model

@@ -1,0 +1,170 @@
+"""The planner: the documented rule, pinned choices, fitting, bad input; `tinytune plan` and a planned run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinytune import planner, presets
+from tinytune.cli import main
+from tinytune.config import GIB
+from tinytune.errors import UserError
+
+
+def budget(gib: float, device: str = "cuda") -> planner.Budget:
+    return planner.Budget(int(gib * GIB), device, f"--vram {gib}GB")
+
+
+def plan(model: str, gib: float, seq_len: int = 2048, **fixed) -> planner.Plan:
+    return planner.make_plan(presets.model_shape(model), budget(gib), seq_len, planner.Fixed(**fixed))
+
+
+def test_rule_prefers_precision_then_rank_then_throughput():
+    small = plan("llama-3.2-1b", 12)
+    assert (small.chosen.setup.bits, small.chosen.setup.technique, small.chosen.setup.rank) == (16, "lora", 64)
+    big = plan("llama-3.1-8b", 12)
+    assert (big.chosen.setup.bits, big.chosen.setup.technique) == (4, "lora")  # 16- and 8-bit do not fit
+    assert {(c.setup.bits, c.fits) for c in big.runners_up if c.setup.technique == "lora"} == {(16, False), (8, False)}
+    roomy = plan("llama-3.1-8b", 24)
+    assert roomy.chosen.setup.bits == 16
+    tiny = plan("smollm2-135m", 12, seq_len=512)
+    assert not tiny.chosen.setup.gradient_checkpointing and tiny.chosen.setup.micro_batch == 8
+
+
+def test_lora_fa_when_activations_are_the_bottleneck():
+    p = plan("llama-3.1-8b", 12, seq_len=8192)
+    assert p.chosen.setup.technique == "lora-fa" and p.chosen.fits
+    lora = next(c for c in p.runners_up if c.setup.technique == "lora" and c.setup.bits == 4)
+    assert not lora.fits and "over" in lora.reason
+
+
+@settings(max_examples=60, deadline=None)
+@given(model=st.sampled_from(presets.model_names()), gib=st.sampled_from([6, 8, 10, 12, 16, 24, 40, 80]),
+       seq=st.sampled_from([256, 512, 1024, 2048, 4096, 8192]))
+def test_every_chosen_plan_fits_with_the_margin_and_more_memory_never_plans_worse(model, gib, seq):
+    try:
+        p = plan(model, gib, seq)
+    except UserError as e:
+        assert "GiB over" in str(e) and "smallest plan" in str(e)
+        return
+    c = p.chosen
+    assert c.est.needed <= gib * GIB * (1 - planner.SAFETY_MARGIN)
+    assert sum(b for _, b, _ in c.est.table()) == c.est.needed
+    more = plan(model, gib * 2, seq)
+    assert more.chosen.setup.bits >= c.setup.bits
+
+
+def test_pinned_choices_are_kept_and_the_rest_planned():
+    p = plan("llama-3.2-1b", 12, rank=8, bits=4, micro_batch=1)
+    s = p.chosen.setup
+    assert (s.rank, s.bits, s.micro_batch) == (8, 4, 1) and p.chosen.grad_accum == 8
+    with pytest.raises(UserError, match=r"with --bits 16 .*GiB over; drop a fixed choice"):
+        plan("llama-3.1-8b", 12, bits=16)
+
+
+def test_nothing_fits_names_the_minimum():
+    with pytest.raises(UserError, match=r"llama-3.1-70b .* needs [\d.]+ GiB, [\d.]+ GiB over"):
+        plan("llama-3.1-70b", 24)
+
+
+def test_bad_budget_and_context():
+    with pytest.raises(UserError, match="less than the CUDA context"):
+        plan("llama-3.2-1b", 0.3)
+    with pytest.raises(UserError, match="beyond llama-3.2-1b's context of 131072"):
+        plan("llama-3.2-1b", 12, seq_len=200_000)
+
+
+def test_gpu_profiles_and_names():
+    assert presets.gpu("RTX 4070").vram_bytes == 12 * GIB
+    assert presets.gpu("rtx-3060").key == "rtx3060"
+    assert not presets.gpu("t4").bf16
+    assert presets.gpu_for_device_name("NVIDIA A100-SXM4-40GB").key == "a100-40gb"
+    with pytest.raises(UserError, match="did you mean rtx4070"):
+        presets.gpu("rtx4071")
+    for key in ("rtx3060", "rtx4060ti", "rtx4070", "rtx3090", "rtx4090", "t4", "a100-40gb", "a100-80gb", "h100-80gb"):
+        p = presets.gpu(key)
+        assert p.vram_bytes > 0 and p.bandwidth_gbs > 0 and p.bf16_tflops > 0
+    assert presets.model_shape("meta-llama/Llama-3.1-8B-Instruct").name == "llama-3.1-8b"
+
+
+def test_calibration_scale_corrects_activations_only():
+    from tinytune.memory.estimate import Setup, estimate
+
+    est = estimate(presets.model_shape("llama-3.2-1b"), Setup(seq_len=256))
+    exact = planner.dynamic_bytes(est)
+    assert planner.calibration_scale(est, exact) == pytest.approx(1.0)
+    acts = est.components["activations"] + est.components["backward working set"]
+    assert planner.calibration_scale(est, exact + acts // 2) == pytest.approx(1.5, rel=1e-6)
+    assert planner.calibration_scale(est, 10 * exact) == 3.0
+    scaled = planner.make_plan(presets.model_shape("llama-3.1-8b"), budget(12), 2048, activation_scale=1.5)
+    assert scaled.chosen.est.needed <= 12 * GIB * 0.95
+    assert scaled.chosen.setup.tokens <= plan("llama-3.1-8b", 12).chosen.setup.tokens
+
+
+def test_plan_command_is_offline_and_torch_free(tmp_path):
+    code = ("import sys; from tinytune.cli import main; rc = main(['plan', '--model', 'llama-3.1-8b', '--vram', '12GB', "
+            "'--json']); assert 'torch' not in sys.modules, 'plan imported torch'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["technique"] == "lora" and d["bits"] == 4 and d["fits"]
+    assert set(d["breakdown_gib"]) >= {"base weights", "activations", "optimizer states", "allocator slack + CUDA context"}
+    assert d["runners_up"] and all(r["reason"] for r in d["runners_up"])
+
+
+def test_plan_command_text(capsys):
+    assert main(["plan", "--gpu", "rtx3060", "--model", "llama-3.2-3b", "--seq-len", "4096"]) == 0
+    text = capsys.readouterr().out
+    assert "chosen: 16-bit lora r64" in text and "runner-up" in text and "needed (GiB)" in text
+    assert "12.00 GiB (--gpu rtx3060" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--gpu", "rtx4071"], "did you mean rtx4070"),
+    (["plan", "--vram", "256MB"], "less than the CUDA context"),
+    (["plan", "--model", "llama-9b-nope", "--vram", "12GB"], "not a known model preset"),
+    (["plan", "--model", "llama-3.2-1b", "--vram", "12GB", "--seq-len", "999999"], "beyond llama-3.2-1b's context"),
+    (["plan", "--vram", "12GB", "--gpu", "rtx3060"], "--vram and --gpu both given"),
+    (["plan", "--model", "llama-3.1-70b", "--vram", "24GB"], "nothing fits"),
+])
+def test_plan_bad_input(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_planned_run_records_the_plan(tiny_model_dir, demo_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(out), "--vram", "2GB",
+                 "--rank", "8", "--max-steps", "2", "--no-sample", "--eval-fraction", "0"]) == 0
+    plan_json = json.loads((out / "plan.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert plan_json["rank"] == 8 and config["rank"] == 8 and config["alpha"] == 16  # pinned, alpha follows
+    assert plan_json["bits"] == 16 and plan_json["technique"] == "lora"  # a tiny model fits unquantized
+    assert plan_json["predicted_peak_gib"] > 0 and "activations" in plan_json["breakdown_gib"]
+    longest = plan_json["seq_len"]
+    assert 16 < longest <= 2048 and config["seq_len"] == longest  # planned for the longest example
+    assert "plan: 16-bit lora r8" in capsys.readouterr().out
+
+
+def test_pinned_run_that_cannot_fit_fails_before_writing(tiny_model_dir, demo_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(out), "--vram", "8MB",
+                 "--bits", "16", "--batch", "8"]) == 2
+    assert "nothing fits" in capsys.readouterr().err and not out.exists()
+
+
+def test_bench_planner_smoke_runs_a_grid_row_on_cpu():
+    """The accuracy benchmark's code path (build at 4 bits, VeRA, padded batch, checkpointing) works without a GPU."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "tools" / "bench_planner.py"), "--smoke", "--only", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = proc.stdout.strip().splitlines()[-1]
+    assert "vera" in row and row.endswith("ok"), proc.stdout
