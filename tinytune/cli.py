@@ -71,6 +71,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train-on-prompt", action="store_true", help="also compute the loss on prompt tokens")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--no-sample", dest="sample", action="store_false", help="skip the before/after generation sample")
+    p.add_argument("--save-every", default=d.save_every,
+                   help="checkpoint every N steps (100) or every so long (30s, 10m, 1h), or off (default 5m)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints to keep (default 2)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its newest checkpoint, "
+                   "with the run's own settings")
     return p
 
 
@@ -102,9 +107,24 @@ def _pinned(args) -> dict:
     return out
 
 
+RESUME_OVERRIDES = ("save_every", "keep_checkpoints", "sample")  # settings a resumed run may change
+
+
 def cmd_train(args) -> int:
+    from pathlib import Path
+
     from tinytune import train
 
+    if args.resume:
+        defaults = vars(build_parser().parse_args(["train"]))
+        given = [k for k, v in vars(args).items() if k not in ("resume", *RESUME_OVERRIDES) and v != defaults.get(k)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UserError(f"--resume continues with the run's own settings; drop {flag} "
+                            "(only --save-every, --keep-checkpoints and --no-sample may change)")
+        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) != defaults.get(k)}
+        train.run(None, resume=Path(args.resume), overrides=overrides)
+        return 0
     cfg = TrainConfig(
         model=args.model, data=args.data, out=args.out, overwrite=args.overwrite,
         vram=parse_vram(args.vram) if args.vram is not None else None, gpu=args.gpu,
@@ -114,6 +134,7 @@ def cmd_train(args) -> int:
         max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, epochs=args.epochs, seed=args.seed,
         optim=args.optim, eval_fraction=args.eval_fraction,
         eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, device=args.device, sample=args.sample,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         **_pinned(args),
     )
     train.run(cfg)

@@ -35,6 +35,8 @@ CPU_DEFAULT_STEPS = 30
 OPTIMIZERS = ("paged-adamw-8bit", "paged-adamw-32bit", "adamw")
 BITS = (4, 8, 16)
 DEVICES = ("auto", "cpu", "cuda")
+_SAVE_EVERY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(steps?|s|sec|m|min|h)?\s*$", re.IGNORECASE)
+_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
 def parse_vram(text: str) -> int:
@@ -53,6 +55,43 @@ def parse_vram(text: str) -> int:
     if value <= 0:
         raise UserError(f"--vram {text!r} must be larger than zero, e.g. --vram 12GB")
     return value
+
+
+
+
+@dataclass(frozen=True)
+class SaveEvery:
+    """When to write a periodic checkpoint: every ``steps`` optimizer steps or every ``seconds``."""
+
+    steps: int = 0
+    seconds: float = 0.0
+
+    def due(self, step: int, since_last_s: float) -> bool:
+        if self.steps:
+            return step % self.steps == 0
+        return bool(self.seconds) and since_last_s >= self.seconds
+
+    def __str__(self) -> str:
+        if self.steps:
+            return f"every {self.steps} steps"
+        return f"every {self.seconds:g}s" if self.seconds else "never"
+
+
+def parse_save_every(text: str) -> SaveEvery:
+    """``50`` or ``50steps`` → every 50 steps; ``30s``, ``10m``, ``1.5h`` → by time; ``0``/``off`` → never."""
+    if str(text).strip().lower() in ("0", "off", "never", "no"):
+        return SaveEvery()
+    m = _SAVE_EVERY_RE.match(str(text))
+    if not m:
+        raise UserError(f"--save-every {text!r} is not a step count or a duration: write 100 (steps), 30s, 10m or 1h, or off")
+    value, unit = float(m.group(1)), (m.group(2) or "steps").lower()
+    if unit.startswith("step"):
+        if value != int(value) or value < 1:
+            raise UserError(f"--save-every {text!r}: a step count must be a positive whole number, e.g. 100")
+        return SaveEvery(steps=int(value))
+    if value <= 0:
+        raise UserError(f"--save-every {text!r}: a duration must be positive, e.g. 10m")
+    return SaveEvery(seconds=value * _SECONDS[unit])
 
 
 def format_gib(n_bytes: float) -> str:
@@ -116,6 +155,10 @@ class TrainConfig:
     device: str = "auto"
     sample: bool = True
     """Generate a before/after sample from a held-out prompt."""
+    save_every: str = "5m"
+    """Periodic checkpoints: a step count (100), a duration (30s, 10m, 1h) or off."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep in RUN_DIR/checkpoints."""
     fixed: tuple[str, ...] | None = None
     """Fields the user pinned when the rest is planned from the memory budget (technique, rank,
     bits, seq_len, micro_batch, grad_accum, gradient_checkpointing, alpha); None = use every field as
@@ -164,6 +207,9 @@ class TrainConfig:
             raise UserError(f"--eval-fraction {self.eval_fraction} must be in [0, 0.5)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+        parse_save_every(self.save_every)
+        if self.keep_checkpoints < 1:
+            raise UserError(f"--keep-checkpoints {self.keep_checkpoints} must be at least 1 (the newest checkpoint is what --resume needs)")
         if not self.targets or any(not t.strip() for t in self.targets):
             raise UserError("--targets is empty: name modules such as q_proj,v_proj, or all-linear")
 
@@ -185,11 +231,26 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from tinytune import rundir
+
+        rundir.write_json(path, {"tinytune_run_format": rundir.FORMAT_VERSION, **self.to_dict()})
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
+        from tinytune import rundir
+
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: cannot read the run's config ({e.__class__.__name__}: {e}); "
+                            "is this a tinytune run directory?") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: not a tinytune run config (a JSON object is expected)")
+        version = d.get("tinytune_run_format", rundir.FORMAT_VERSION)  # runs from before the field are format 1
+        if version != rundir.FORMAT_VERSION:
+            raise UserError(f"{path}: run format {version!r}, this tinytune reads format {rundir.FORMAT_VERSION}; "
+                            "use the tinytune version that made the run")
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:
             raise UserError(f"{path}: cannot read the run's config ({e}); is this a tinytune run directory?") from None

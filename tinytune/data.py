@@ -24,6 +24,7 @@ import torch
 from tinytune.errors import UserError
 
 IGNORE = -100
+MAX_RECORD_BYTES = 8 * 2**20
 ROLES = ("system", "user", "assistant")
 
 
@@ -73,6 +74,9 @@ def read_records(path: Path) -> tuple[str, list]:
         return "text-file", [text]
     fmt, records = None, []
     for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        if len(line_bytes) > MAX_RECORD_BYTES:
+            raise UserError(f"{path}:{lineno}: the line is {len(line_bytes) / 2**20:.0f} MiB; records over "
+                            f"{MAX_RECORD_BYTES // 2**20} MiB (≈2M tokens, beyond any context) are refused: split it")
         try:
             line = line_bytes.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -119,7 +123,8 @@ def _record_format(rec, path: Path, lineno: int) -> str:
         if not isinstance(rec["text"], str) or not rec["text"].strip():
             raise UserError(f"{where}: \"text\" must be a non-empty string")
         return "text"
-    keys = ", ".join(sorted(map(str, rec))) or "none"
+    names = sorted(str(k)[:40] for k in rec)
+    keys = ", ".join(names[:8]) + (f", … ({len(names)} keys)" if len(names) > 8 else "") or "none"
     raise UserError(f"{where}: unknown record (keys: {keys}); use \"instruction\"+\"output\", \"messages\" or \"text\"")
 
 

@@ -13,9 +13,14 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _loss(value: float | None) -> str:
+    return "skipped" if value is None else f"{value:.4f}"
+
+
 class ProgressBar:
-    def __init__(self, total: int, stream=None, width: int = 20) -> None:
+    def __init__(self, total: int, stream=None, width: int = 20, start: int = 0) -> None:
         self.total = total
+        self.first = start  # steps done before this process (a resumed run): ETA counts only the rest
         self.stream = stream or sys.stderr
         self.width = width
         self.tty = getattr(self.stream, "isatty", lambda: False)()
@@ -25,7 +30,8 @@ class ProgressBar:
     def update(self, record: dict) -> None:
         step = record["step"]
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (self.total - step) if step else 0.0
+        done = step - self.first
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         filled = int(self.width * step / max(1, self.total))
         bar = "#" * filled + "-" * (self.width - filled)
         mem = (
@@ -34,14 +40,14 @@ class ProgressBar:
             else f"rss {record['rss_gib']:.2f} GiB"
         )
         line = (
-            f"step {step}/{self.total} [{bar}] loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s | "
+            f"step {step}/{self.total} [{bar}] loss {_loss(record['loss'])} | {record['tokens_per_s']:.0f} tok/s | "
             f"{mem} | {_duration(elapsed)} elapsed, ETA {_duration(eta)}"
         )
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
             if step == self.total:
                 self.stream.write("\n")
-        elif step % self.every == 0 or step == self.total or step == 1:
+        elif step % self.every == 0 or step == self.total or done == 1:
             self.stream.write(line + "\n")
         self.stream.flush()
 

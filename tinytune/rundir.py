@@ -5,6 +5,7 @@
     RUN_DIR/metrics.jsonl        one record per optimizer step; eval records carry eval_loss
     RUN_DIR/adapter.safetensors  trainable adapter tensors, by module name
     RUN_DIR/peft/                the same adapter in PEFT's format
+    RUN_DIR/checkpoints/         the newest periodic checkpoints (see checkpoint.py)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from tinytune.errors import UserError
 
-RUN_FILES = ("config.json", "plan.json", "metrics.jsonl", "adapter.safetensors", "peft")
+RUN_FILES = ("config.json", "plan.json", "metrics.jsonl", "adapter.safetensors", "peft", "checkpoints")
 FORMAT_VERSION = 1
 
 
@@ -128,3 +129,23 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.file.close()
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records of steps after ``step`` (written by a run that died before checkpointing them);
+    returns how many were dropped. Unreadable lines (a write cut off by a kill) go too."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped

@@ -7,17 +7,21 @@ nothing else about the loop is visible outside it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
+import json
 import math
 import signal
-import warnings
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from tinytune import adapters, data, loading, planner, rundir
-from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, GIB, TrainConfig
+from tinytune import adapters, checkpoint, data, loading, planner, rundir
+from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, GIB, TrainConfig, parse_save_every
 from tinytune.errors import UserError
 from tinytune.export import PEFT_TECHNIQUES, save_peft_adapter
 from tinytune.loss import causal_lm_loss_sum
@@ -26,6 +30,7 @@ from tinytune.memory.estimate import ModelShape
 from tinytune.progress import ProgressBar
 
 Listener = Callable[[dict], None]
+MAX_NONFINITE_IN_ROW = 5  # a NaN/inf loss is skipped with a warning; this many in a row means divergence
 
 
 def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -69,17 +74,28 @@ def forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) -
 
 @torch.no_grad()
 def evaluate(model, examples: list[data.Example], micro_batch: int, pad_id: int, device, dtype) -> float | None:
+    """Mean token loss over ``examples``; out of memory halves the micro-batch and starts over."""
     if not examples:
         return None
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), micro_batch):
-        loss_sum, n = forward_loss(model, data.collate(examples[i : i + micro_batch], pad_id), device, dtype)
-        total += float(loss_sum)
-        count += n
-    model.train(was_training)
-    return total / max(1, count)
+    try:
+        while True:
+            try:
+                total, count = 0.0, 0
+                for i in range(0, len(examples), micro_batch):
+                    loss_sum, n = forward_loss(model, data.collate(examples[i : i + micro_batch], pad_id), device, dtype)
+                    total += float(loss_sum)
+                    count += n
+                return total / max(1, count)
+            except torch.OutOfMemoryError:
+                if micro_batch == 1:
+                    raise UserError("out of memory while evaluating one example at a time; start a new run with a "
+                                    "shorter --seq-len, --bits 4 or a larger --vram budget") from None
+            free_memory(device)
+            micro_batch = max(1, micro_batch // 2)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -176,11 +192,96 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | None = None, stream=None) -> Path:
-    """Train one adapter as ``cfg`` says; returns the run directory."""
+@dataclass
+class LoopState:
+    """The loop's own state, saved in every checkpoint."""
+
+    step: int = 0
+    """Optimizer steps done (skipped non-finite steps count: their data was consumed)."""
+    split: int = 1
+    """Each planned micro-batch runs as this many pieces (doubled after an out-of-memory error)."""
+    gradient_checkpointing: bool = True
+    nonfinite_in_row: int = 0
+
+
+def predicted_tokens(examples: list[data.Example]) -> int:
+    """Tokens the loss counts in these examples: labels past the first that are not ignored."""
+    return sum(sum(1 for label in e.labels[1:] if label != data.IGNORE) for e in examples)
+
+
+def accumulate(model, planned: list[list[data.Example]], split: int, pad_id: int, scaler, device, dtype) -> tuple[float, int]:
+    """Forward and backward one optimizer step's examples, each planned micro-batch in ``split``
+    pieces; the loss is the mean over every predicted token of the step whatever the split, so a
+    split step computes the same gradient. Returns (loss, tokens)."""
+    n_predicted = sum(predicted_tokens(mb) for mb in planned)
+    loss_total, n_tokens = 0.0, 0
+    for mb in planned:
+        size = max(1, math.ceil(len(mb) / split))
+        for i in range(0, len(mb), size):
+            batch = data.collate(mb[i : i + size], pad_id)
+            loss_sum, _ = forward_loss(model, batch, device, dtype)
+            loss = loss_sum / max(1, n_predicted)
+            scaler.scale(loss).backward()
+            loss_total += float(loss.detach())
+            n_tokens += int(batch["attention_mask"].sum())
+    return loss_total, n_tokens
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def after_oom(loop: LoopState, model, micro_batch: int, step: int) -> dict:
+    """Re-plan after an out-of-memory error: halve the micro-batch (twice the accumulation, same
+    examples per step); at one example, turn on gradient checkpointing; past that, give up."""
+    if math.ceil(micro_batch / loop.split) > 1:
+        loop.split *= 2
+        action = f"micro-batch {math.ceil(micro_batch / loop.split)} × {loop.split} pieces per planned micro-batch"
+    elif not loop.gradient_checkpointing:
+        loop.gradient_checkpointing = True
+        enable_checkpointing(model)
+        action = "gradient checkpointing on"
+    else:
+        raise UserError(f"out of memory at step {step} even at micro-batch 1 with gradient checkpointing; "
+                        "start a new run with a shorter --seq-len, --bits 4 or a larger --vram budget")
+    return {"step": step, "event": "oom", "action": action, "split": loop.split,
+            "gradient_checkpointing": loop.gradient_checkpointing}
+
+
+def open_resume(run_dir: Path, overrides: dict, say) -> tuple[TrainConfig, dict, checkpoint.Checkpoint]:
+    """Check a run directory for --resume and read its newest readable checkpoint."""
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"--resume {run_dir}: not a tinytune run directory (no config.json); pass the --out of a run")
+    cfg = TrainConfig.load(run_dir / "config.json")
+    if overrides:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+    try:
+        record = json.loads((run_dir / "plan.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume {run_dir}: plan.json is unreadable ({e.__class__.__name__}); the run cannot be resumed") from None
+    checkpoint.remove_partial(run_dir)
+    ckpt = checkpoint.latest_readable(run_dir, say)
+    if ckpt is None:
+        raise UserError(f"--resume {run_dir}: no checkpoint yet (the run stopped before its first); "
+                        f"start it again with --overwrite, or use --save-every to checkpoint sooner")
+    if ckpt.step >= ckpt.state["trainer"]["total_steps"]:
+        raise UserError(f"--resume {run_dir}: the run finished all {ckpt.step} steps; nothing to resume "
+                        f"(export it with: tinytune export {run_dir} --out DIR)")
+    return cfg, record, ckpt
+
+
+def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFlag | None = None, stream=None,
+        resume: Path | None = None, overrides: dict | None = None) -> Path:
+    """Train one adapter as ``cfg`` says, or continue the run in ``resume``; returns the run directory."""
     say = (lambda text: print(text, file=stream, flush=True)) if stream is not None else (lambda text: print(text, flush=True))
     emit = listener or (lambda _record: None)
     stop = stop or StopFlag()
+    ckpt = None
+    if resume is not None:
+        cfg, record, ckpt = open_resume(resume, overrides or {}, say)
+        cfg.out = str(resume)
 
     # 1. Check every input before anything is written.
     source = loading.resolve_source(cfg.model)
@@ -188,11 +289,12 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
     shape = ModelShape.from_config(model_config, source.name)
     data_path = Path(cfg.data) if cfg.data else data.demo_path()
     out = Path(cfg.out) if cfg.out else rundir.default_path(source.name)
-    rundir.check_output(out, cfg.overwrite)
+    if ckpt is None:
+        rundir.check_output(out, cfg.overwrite)
     device = loading.pick_device(cfg.device)
     dtype = loading.compute_dtype(device)
     budget = planner.resolve_budget(cfg.vram, cfg.gpu, device.type, f"{cfg.vram / GIB:g}GiB" if cfg.vram else None)
-    pinned = set(planner.PLANNED if cfg.fixed is None else cfg.fixed)
+    pinned = set(planner.PLANNED if cfg.fixed is None or ckpt is not None else cfg.fixed)
     if "seq_len" not in pinned:  # plan for the longest example, up to 2,048 tokens
         cfg.seq_len = min(planner.DEFAULT_SEQ_CAP, shape.max_context or planner.DEFAULT_SEQ_CAP)
     if shape.max_context and cfg.seq_len > shape.max_context:
@@ -200,94 +302,149 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
                         f"use --seq-len {shape.max_context} or less")
     tok = loading.load_tokenizer(source)
     ds = data.build(data_path, tok, cfg.seq_len, cfg.eval_fraction, cfg.train_on_prompt, cfg.seed)
+    digest = checkpoint.file_digest(data_path)
+    if ckpt is not None and ckpt.state["trainer"]["data_sha256"] != digest:
+        raise UserError(f"--data {data_path} changed since the run started (its SHA-256 differs); resuming would "
+                        "train on other examples: restore the file, or start a new run")
     if "seq_len" not in pinned:
         cfg.seq_len = max(len(e.input_ids) for e in ds.train + ds.eval)
     say(f"data: {data_path.name} ({ds.format}, {ds.n_records} records) → {len(ds.train)} train / {len(ds.eval)} eval examples; "
         f"{ds.n_truncated} truncated to {cfg.seq_len} tokens, {ds.n_dropped} dropped (nothing left to learn)")
     plan = None
-    if budget is not None:
+    if budget is not None and ckpt is None:
         plan = planner.make_plan(shape, budget, cfg.seq_len, planner.fixed_from_config(cfg, pinned))
         planner.apply(plan, cfg, pinned)
         say(f"plan: {plan.chosen.label()}, micro-batch {cfg.micro_batch} × {cfg.grad_accum}, "
             f"{'gradient checkpointing' if cfg.gradient_checkpointing else 'no gradient checkpointing'}; predicted peak "
             f"{plan.chosen.est.peak / GIB:.2f} GiB, need {plan.chosen.est.needed / GIB:.2f} of {budget.bytes / GIB:.2f} GiB "
             f"({budget.source}{'; CPU run: fp32 activations' if device.type == 'cpu' else ''})")
+    save_every = parse_save_every(cfg.save_every)
 
     # 2. Load, adapt, plan.
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model = loading.load_model(source, cfg.bits, device)
     per_epoch = data.micro_batches_per_epoch(len(ds.train), cfg.micro_batch)
-    total_steps = planned_steps(cfg, per_epoch, device, say)
+    total_steps = ckpt.state["trainer"]["total_steps"] if ckpt else planned_steps(cfg, per_epoch, device, say)
     layers = adapters.apply(model, cfg, total_steps)
     params = adapters.trainable(model)
     n_trainable = sum(p.numel() for p in params)
     if plan is not None and device.type == "cuda":
         plan = calibrate(model, shape, plan, cfg, pinned, device, dtype, say)
-    record = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
-    record.update(planner.predicted(shape, cfg, device.type, plan))
-    if cfg.technique == "delta-lora":
-        record["delta_start"] = adapters.delta_start(cfg, total_steps)
+    if ckpt is None:
+        record = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
+        record.update(planner.predicted(shape, cfg, device.type, plan))
+        if cfg.technique == "delta-lora":
+            record["delta_start"] = adapters.delta_start(cfg, total_steps)
     say(f"model: {source.name} ({source.kind}) at {cfg.bits}-bit on {probe.describe(device)}, loaded in "
         f"{time.perf_counter() - t0:.1f}s; "
         f"{'full fine-tuning' if cfg.technique == 'full' else f'{cfg.technique} r={cfg.rank} on {len(layers)} layers'}, "
         f"{n_trainable:,} trainable parameters; {total_steps} steps")
 
-    rundir.create(out, cfg.overwrite)
-    cfg.save(out / "config.json")
-    rundir.write_json(out / "plan.json", record)
-    metrics = rundir.MetricsWriter(out / "metrics.jsonl")
+    if ckpt is None:
+        rundir.create(out, cfg.overwrite)
+        cfg.save(out / "config.json")
+        rundir.write_json(out / "plan.json", record)
 
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
     model.train()
     optimizer = make_optimizer(cfg.optim, adapters.param_groups(model, cfg), cfg.lr, cfg.weight_decay)
     schedule = make_schedule(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
     eval_every = cfg.eval_every or max(1, total_steps // 4)
+    loop = LoopState(gradient_checkpointing=cfg.gradient_checkpointing)
 
     before = None
-    if cfg.sample and ds.sample_prompt:
-        before = generate_sample(model, tok, ds.sample_prompt, device, dtype)
-    eval_loss = evaluate(model, ds.eval, cfg.micro_batch, tok.pad_token_id, device, dtype)
-    if eval_loss is not None:
-        record = {"step": 0, "eval_loss": round(eval_loss, 6)}
+    if ckpt is None:
+        metrics = rundir.MetricsWriter(out / "metrics.jsonl")
+        if cfg.sample and ds.sample_prompt:
+            before = generate_sample(model, tok, ds.sample_prompt, device, dtype)
+        eval_loss = evaluate(model, ds.eval, cfg.micro_batch, tok.pad_token_id, device, dtype)
+        if eval_loss is not None:
+            record = {"step": 0, "eval_loss": round(eval_loss, 6)}
+            metrics.write(record)
+            emit(record)
+            say(f"eval loss before training: {eval_loss:.4f}")
+    else:
+        loop = LoopState(**ckpt.state["trainer"]["loop"])
+        dropped = rundir.truncate_metrics(out / "metrics.jsonl", ckpt.step)
+        metrics = rundir.MetricsWriter(out / "metrics.jsonl")
+        record = {"step": ckpt.step, "event": "resumed", "checkpoint": ckpt.path.name, "records_dropped": dropped}
         metrics.write(record)
         emit(record)
-        say(f"eval loss before training: {eval_loss:.4f}")
+        say(f"resuming {out} at step {ckpt.step} of {total_steps} from {ckpt.path.name}")
+    if loop.gradient_checkpointing:
+        enable_checkpointing(model)
+
+    def save_checkpoint(step: int) -> Path:
+        trainer = {"total_steps": total_steps, "data_sha256": digest, "n_train": len(ds.train),
+                   "micro_batches_done": step * cfg.grad_accum, "loop": dataclasses.asdict(loop)}
+        path = checkpoint.save(out, step, model, optimizer, schedule, scaler, device, trainer, cfg.keep_checkpoints)
+        metrics.write({"step": step, "event": "checkpoint", "path": str(path.relative_to(out))})
+        return path
+
+    if ckpt is not None:
+        checkpoint.restore(ckpt, model, optimizer, schedule, scaler, device)  # last: it sets the RNG states
 
     # 3. The loop.
-    bar = ProgressBar(total_steps, stream=stream)
-    stream_of_batches = data.micro_batches(ds.train, cfg.micro_batch, cfg.seed)
+    bar = ProgressBar(total_steps, stream=stream, start=loop.step)
+    stream_of_batches = data.micro_batches(ds.train, cfg.micro_batch, cfg.seed, start=loop.step * cfg.grad_accum)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    step = 0
+    start = last_save = time.perf_counter()
+    step = loop.step
     with stop.on_signals():
-        for step in range(1, total_steps + 1):
+        for step in range(loop.step + 1, total_steps + 1):
             step_start = time.perf_counter()
-            batches = [data.collate(next(stream_of_batches), tok.pad_token_id) for _ in range(cfg.grad_accum)]
-            n_predicted = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            loss_total = 0.0
-            for batch in batches:
-                loss_sum, _ = forward_loss(model, batch, device, dtype)
-                loss = loss_sum / max(1, n_predicted)  # mean over every predicted token of the step
-                scaler.scale(loss).backward()
-                loss_total += float(loss.detach())
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            planned = [next(stream_of_batches) for _ in range(cfg.grad_accum)]
+            while True:
+                try:
+                    loss_total, n_tokens = accumulate(model, planned, loop.split, tok.pad_token_id, scaler, device, dtype)
+                    break
+                except torch.OutOfMemoryError:
+                    pass  # handled outside the except block, so the failed step's tensors can be freed
+                optimizer.zero_grad(set_to_none=True)
+                free_memory(device)
+                event = after_oom(loop, model, cfg.micro_batch, step)
+                metrics.write(event)
+                emit(event)
+                bar.message(f"step {step}: out of memory; retrying the step with {event['action']}")
+            finite = math.isfinite(loss_total)
+            if finite:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                finite = math.isfinite(grad_norm) or scaler.is_enabled()  # fp16: the scaler skips inf gradients itself
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+                loop.nonfinite_in_row = 0
+            else:
+                grad_norm = float("nan")
+                loop.nonfinite_in_row += 1
+                event = {"step": step, "event": "nonfinite", "loss": str(loss_total), "skipped": True,
+                         "in_a_row": loop.nonfinite_in_row}
+                metrics.write(event)
+                emit(event)
+                bar.message(f"warning: step {step}: loss or gradient is {loss_total if not math.isfinite(loss_total) else 'inf/nan'}; "
+                            f"step skipped ({loop.nonfinite_in_row} in a row)")
+                if loop.nonfinite_in_row >= MAX_NONFINITE_IN_ROW:
+                    last = checkpoint.complete(out)
+                    metrics.close()
+                    raise UserError(f"training diverged: the loss was NaN/inf for {loop.nonfinite_in_row} steps in a row "
+                                    f"(steps {step - loop.nonfinite_in_row + 1}–{step}); the last good checkpoint is "
+                                    f"{last[0] if last else 'none'}; lower --lr (now {cfg.lr:g}) and start again")
             optimizer.zero_grad(set_to_none=True)
-            for layer in layers.values():
-                layer.on_optimizer_step(step)
+            if finite:
+                for layer in layers.values():
+                    layer.on_optimizer_step(step)
             lr = schedule.get_last_lr()[0]
-            schedule.step()
+            with warnings.catch_warnings():  # a skipped first step makes the scheduler warn about call order
+                warnings.simplefilter("ignore", UserWarning)
+                schedule.step()
+            loop.step = step
             seconds = time.perf_counter() - step_start
             record = {
-                "step": step, "total_steps": total_steps, "loss": round(loss_total, 6), "lr": lr,
-                "grad_norm": round(float(grad_norm), 6), "tokens": n_tokens,
+                "step": step, "total_steps": total_steps, "loss": round(loss_total, 6) if finite else None, "lr": lr,
+                "grad_norm": round(grad_norm, 6) if finite else None, "tokens": n_tokens,
                 "tokens_per_s": round(n_tokens / seconds, 2), "step_time_s": round(seconds, 4),
                 "elapsed_s": round(time.perf_counter() - start, 3), **probe.sample(device),
             }
@@ -295,26 +452,34 @@ def run(cfg: TrainConfig, listener: Listener | None = None, stop: StopFlag | Non
             emit(record)
             bar.update(record)
             if step % eval_every == 0 or step == total_steps:
-                eval_loss = evaluate(model, ds.eval, cfg.micro_batch, tok.pad_token_id, device, dtype)
+                eval_loss = evaluate(model, ds.eval, max(1, math.ceil(cfg.micro_batch / loop.split)), tok.pad_token_id, device, dtype)
                 if eval_loss is not None:
                     record = {"step": step, "eval_loss": round(eval_loss, 6)}
                     metrics.write(record)
                     emit(record)
                     bar.message(f"step {step}: eval loss {eval_loss:.4f}")
-            if stop.stop:
-                bar.message(f"stopping at step {step} ({stop.reason}); saving the adapter")
+            if stop.stop or step == total_steps:
                 break
+            if loop.nonfinite_in_row == 0 and save_every.due(step, time.perf_counter() - last_save):  # keep good ones
+                save_checkpoint(step)
+                last_save = time.perf_counter()
 
-    # 4. Save.
-    state = adapters.state(model)
-    rundir.save_tensors(out / "adapter.safetensors", state, metadata={"step": str(step), "format": str(rundir.FORMAT_VERSION)})
-    if cfg.technique in PEFT_TECHNIQUES:
-        save_peft_adapter(out / "peft", state, cfg, source)
+        # 4. Save: a checkpoint (so a stopped run resumes), the adapter and its PEFT copy.
+        if step > 0:
+            save_checkpoint(step)
+        state = adapters.state(model)
+        rundir.save_tensors(out / "adapter.safetensors", state, metadata={"step": str(step), "format": str(rundir.FORMAT_VERSION)})
+        if cfg.technique in PEFT_TECHNIQUES:
+            save_peft_adapter(out / "peft", state, cfg, source)
+    metrics.close()
+    if stop.stop and step < total_steps:
+        say(f"stopped at step {step} of {total_steps} ({stop.reason}); saved {out}\n"
+            f"  resume with: tinytune --resume {out}")
+        return out
     if before is not None:
         after = generate_sample(model, tok, ds.sample_prompt, device, dtype)
         one_line = lambda text: " ".join(text.split())  # noqa: E731
         say(f"sample (held out): {one_line(ds.sample_prompt[-1]['content'])}\n  before: {one_line(before)}\n"
             f"  after:  {one_line(after)}\n  target: {one_line(ds.sample_answer)}")
-    metrics.close()
     say(f"saved {out}  (export merged weights with: tinytune export {out} --out {out}/merged)")
     return out
