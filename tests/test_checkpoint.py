@@ -311,7 +311,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, 
 
 # --- damaged or unwritable checkpoints ---------------------------------------------------------------
 
-def test_resume_skips_a_damaged_newest_checkpoint(tiny_model_dir, demo_file, tmp_path, capsys):
+def test_resume_skips_a_damaged_newest_checkpoint_and_unpickles_nothing(tiny_model_dir, demo_file, tmp_path, capsys, monkeypatch):
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     assert main(train_argv(tiny_model_dir, demo_file, reference, 6, "--keep-checkpoints", "3")) == 0
     assert main(train_argv(tiny_model_dir, demo_file, run_dir, 6, "--keep-checkpoints", "3")) == 0
@@ -324,6 +324,14 @@ def test_resume_skips_a_damaged_newest_checkpoint(tiny_model_dir, demo_file, tmp
     damaged = checkpoint.complete(run_dir)[0]
     (damaged / "trainer.safetensors").write_bytes(b"\x00" * 100)
     capsys.readouterr()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("resume must not unpickle anything")
+
+    import pickle
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, no_unpickling)
     assert main(["--resume", str(run_dir)]) == 0
     out = capsys.readouterr()
     assert "skipping a damaged checkpoint" in out.out and damaged.name in out.out

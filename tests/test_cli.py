@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +19,33 @@ def run_cli(capsys, *argv):
     return code, err
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, tokenizer_dir):
+    """A tiny run that finished its 2 steps (a checkpoint, an adapter, the PEFT copy)."""
+    from make_demo_data import make
+
+    root = tmp_path_factory.mktemp("finished")
+    data_file = write_jsonl(root / "demo.jsonl", make(24, seed=3))
+    run_dir = root / "run"
+    assert main(["--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(run_dir), "--max-steps", "2",
+                 "--seq-len", "128", "--rank", "4", "--no-sample", "--batch", "2", "--grad-accum", "1"]) == 0
+    return run_dir
+
+
+def _copy_run(run_dir: Path, to: Path, edit=None) -> Path:
+    shutil.copytree(run_dir, to)
+    if edit:
+        edit(to)
+    return to
+
+
+def _set_format(run: Path, version) -> None:
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "tinytune_run_format": version}))
+
+
 @pytest.fixture
-def bad_inputs(tmp_path, tiny_model_dir, demo_file):
+def bad_inputs(tmp_path, tiny_model_dir, demo_file, finished_run):
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
@@ -28,19 +55,54 @@ def bad_inputs(tmp_path, tiny_model_dir, demo_file):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     malformed = write_jsonl(tmp_path / "malformed.jsonl", [{"text": "fine"}, '{"text": "oops"', {"text": "x"}])
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    binary = tmp_path / "weights.jsonl"
+    binary.write_bytes(bytes(range(256)) * 64)
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "a", "completion": "b"}])
+    wrong_type = write_jsonl(tmp_path / "wrongtype.jsonl", [{"instruction": "a", "output": 42}])
+    huge = tmp_path / "huge.jsonl"
+    with open(huge, "w") as f:
+        f.write('{"text": "' + "a" * (100 * 2**20) + '"}\n')
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "config.json").write_text("{}")
+    corrupt_weights = _copy_run(tiny_model_dir, tmp_path / "corrupt-weights",
+                                lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 4096))
+    corrupt_gguf = tmp_path / "corrupt.gguf"
+    corrupt_gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + os.urandom(2000))
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("this is a text file")
+    runs = tmp_path / "runs-in"
+    corrupt_adapter = _copy_run(finished_run, runs / "corrupt-adapter",
+                                lambda d: (d / "adapter.safetensors").write_bytes(b'{"not": "safetensors"}'))
+    future = _copy_run(finished_run, runs / "future", lambda d: _set_format(d, 99))
+    no_ckpt = _copy_run(finished_run, runs / "no-checkpoint", lambda d: shutil.rmtree(d / "checkpoints"))
     m, d = str(tiny_model_dir), str(demo_file)
     return {
         "missing model": (["--model", str(tmp_path / "nope")], "no such directory"),
         "non-causal model": (["--model", str(bert)], "not a causal language model"),
         "unsupported architecture": (["--model", str(gpt2)], "architecture 'gpt2' is not supported"),
+        "corrupt safetensors weights": (["--model", str(corrupt_weights), "--data", d], "cannot load the model weights"),
+        "corrupt gguf": (["--model", str(corrupt_gguf)], "cannot read the model config"),
+        "not a gguf": (["--model", str(not_gguf)], "not a GGUF file"),
         "missing dataset": (["--model", m, "--data", str(tmp_path / "none.jsonl")], "no such file"),
         "empty dataset": (["--model", m, "--data", str(empty)], "no records"),
         "malformed line": (["--model", m, "--data", str(malformed)], "malformed.jsonl:2: not valid JSON"),
+        "non-UTF-8 data": (["--model", m, "--data", str(latin1)], "latin1.jsonl:2: not UTF-8"),
+        "binary data": (["--model", m, "--data", str(binary)], "looks binary"),
+        "wrong fields": (["--model", m, "--data", str(wrong)], "wrong.jsonl:1: unknown record (keys: completion, prompt)"),
+        "wrong field type": (["--model", m, "--data", str(wrong_type)], 'needs a string "output"'),
+        "a 100 MB line": (["--model", m, "--data", str(huge)], "huge.jsonl:1: the line is 100 MiB"),
+        "data is a directory": (["--model", m, "--data", str(tmp_path)], "is a directory"),
         "bad vram": (["--vram", "twelve"], "GB means GiB"),
+        "zero vram": (["--vram", "0GB"], "must be larger than zero"),
+        "vram below the CUDA context": (["plan", "--vram", "256MB"], "less than the CUDA context"),
+        "unknown gpu": (["--gpu", "rtx4071", "--model", m, "--data", d], "did you mean rtx4070"),
+        "unknown model preset": (["plan", "--model", "llama-9b-nope", "--vram", "12GB"], "not a known model preset"),
+        "seq-len beyond the context": (["--model", m, "--data", d, "--seq-len", "4096"], "context of 512 tokens; use --seq-len 512"),
         "occupied out": (["--model", m, "--data", d, "--out", str(occupied)], "already holds a run"),
+        "unwritable out": (["--model", m, "--data", d, "--out", "/proc/tinytune-run"], "cannot write in /proc"),
         "rank 0": (["--rank", "0"], "--rank 0 must be a positive"),
         "rank too big": (["--model", m, "--data", d, "--rank", "4096"], "--rank 4096 is larger than layer"),
         "unknown technique": (["--technique", "magic"], "--technique 'magic' is unknown"),
@@ -50,29 +112,58 @@ def bad_inputs(tmp_path, tiny_model_dir, demo_file):
         "full at 4 bits": (["--technique", "full", "--bits", "4"], "--technique full with --bits 4"),
         "vera rank too big": (["--model", m, "--data", d, "--technique", "vera", "--rank", "200"],
                               "larger than VeRA's shared matrices allow"),
+        "negative lr": (["--lr", "-1"], "--lr -1.0 must be positive"),
+        "dropout 1": (["--dropout", "1"], "--dropout 1.0 must be in [0, 1)"),
+        "bad save-every": (["--save-every", "sometimes"], "--save-every 'sometimes' is not a step count"),
+        "keep no checkpoints": (["--keep-checkpoints", "0"], "--keep-checkpoints 0 must be at least 1"),
         "export of nothing": (["export", str(tmp_path), "--out", str(tmp_path / "x")], "not a tinytune run directory"),
+        "export of a corrupt adapter": (["export", str(corrupt_adapter), "--out", str(tmp_path / "x")],
+                                        "not a readable safetensors file"),
+        "export of a future run format": (["export", str(future), "--out", str(tmp_path / "x")], "run format 99"),
+        "export with a bad dtype": (["export", str(finished_run), "--out", str(tmp_path / "x"), "--dtype", "int4"],
+                                    "--dtype 'int4' is unknown"),
+        "resume of nothing": (["--resume", str(tmp_path)], "not a tinytune run directory"),
+        "resume of a future run format": (["--resume", str(future)], "run format 99"),
+        "resume of a finished run": (["--resume", str(finished_run)], "finished all 2 steps; nothing to resume"),
+        "resume before any checkpoint": (["--resume", str(no_ckpt)], "no checkpoint yet"),
+        "resume with other settings": (["--resume", str(finished_run), "--rank", "8"], "drop --rank"),
     }
 
 
-CASES = ["missing model", "non-causal model", "unsupported architecture", "missing dataset", "empty dataset",
-         "malformed line", "bad vram", "occupied out", "rank 0", "rank too big", "unknown technique", "bad bits",
-         "not a number", "unknown flag", "full at 4 bits", "vera rank too big", "export of nothing"]
+CASES = ["missing model", "non-causal model", "unsupported architecture", "corrupt safetensors weights",
+         "corrupt gguf", "not a gguf", "missing dataset", "empty dataset", "malformed line", "non-UTF-8 data",
+         "binary data", "wrong fields", "wrong field type", "a 100 MB line", "data is a directory", "bad vram",
+         "zero vram", "vram below the CUDA context", "unknown gpu", "unknown model preset",
+         "seq-len beyond the context", "occupied out", "unwritable out", "rank 0", "rank too big",
+         "unknown technique", "bad bits", "not a number", "unknown flag", "full at 4 bits", "vera rank too big",
+         "negative lr", "dropout 1", "bad save-every", "keep no checkpoints", "export of nothing",
+         "export of a corrupt adapter", "export of a future run format", "export with a bad dtype",
+         "resume of nothing", "resume of a future run format", "resume of a finished run",
+         "resume before any checkpoint", "resume with other settings"]
+
+
+def tree(path: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(path)), p.stat().st_size if p.is_file() else -1) for p in path.rglob("*"))
+
+
+def test_the_table_is_complete(bad_inputs):
+    assert sorted(CASES) == sorted(bad_inputs) and len(CASES) >= 30
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tmp_path, finished_run, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv, message = bad_inputs[case]
-    if "--out" not in argv and argv[0] != "export":
+    if "--out" not in argv and argv[0] not in ("export", "plan") and "--resume" not in argv:
         argv = argv + ["--out", str(tmp_path / "run")]
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before, before_run = tree(tmp_path), tree(finished_run)
     code, err = run_cli(capsys, *argv)
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("tinytune: error: "), err
     assert message in err, err
     assert "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
-    assert not (tmp_path / "runs").exists()
+    assert tree(tmp_path) == before  # nothing half-written, nothing removed
+    assert tree(finished_run) == before_run
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):

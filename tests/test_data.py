@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from conftest import write_jsonl
@@ -116,3 +118,78 @@ def test_demo_dataset_ships_and_is_valid():
     fmt, records = data.read_records(data.demo_path())
     assert fmt == "alpaca" and len(records) >= 200
     assert all(json.loads(r["output"])["city"].isupper() for r in records)
+
+
+# --- properties ---------------------------------------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                    max_leaves=12)
+FIELDS = st.sampled_from(["instruction", "input", "output", "messages", "text", "role", "content", "prompt"])
+RECORDS = st.dictionaries(FIELDS, JSON | st.text(max_size=30), max_size=4) | JSON
+
+
+def _one_line_or_records(path):
+    try:
+        fmt, records = data.read_records(path)
+    except UserError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+        return None
+    assert fmt in ("alpaca", "chat", "text", "text-file") and records
+    return fmt, records
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(max_size=400), suffix=st.sampled_from([".jsonl", ".txt"]))
+def test_any_bytes_give_records_or_one_line(tmp_path, blob, suffix):
+    p = tmp_path / f"any{suffix}"
+    p.write_bytes(blob)
+    _one_line_or_records(p)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(RECORDS, min_size=0, max_size=6))
+def test_any_json_lines_give_records_of_one_format_or_one_line(tmp_path, rows):
+    p = write_jsonl(tmp_path / "rows.jsonl", [json.dumps(r) for r in rows])
+    got = _one_line_or_records(p)
+    if got is not None:
+        fmt, records = got
+        assert all(data._record_format(r, p, 0) == fmt for r in records)
+
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=60).filter(str.strip)
+ALPACA = st.fixed_dictionaries({"instruction": TEXT, "output": TEXT}, optional={"input": TEXT})
+CHAT = st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3).map(
+    lambda turns: {"messages": [m for u, a in turns for m in ({"role": "user", "content": u},
+                                                                {"role": "assistant", "content": a})]})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.one_of(st.lists(ALPACA, min_size=1, max_size=8), st.lists(CHAT, min_size=1, max_size=8)),
+       seq_len=st.integers(8, 200), eval_fraction=st.sampled_from([0.0, 0.25]), seed=st.integers(0, 3))
+def test_built_examples_fit_and_learn_only_answer_tokens(tmp_path, tok, rows, seq_len, eval_fraction, seed):
+    p = write_jsonl(tmp_path / "gen.jsonl", rows)
+    try:
+        ds = data.build(p, tok, seq_len, eval_fraction, train_on_prompt=False, seed=seed)
+    except UserError as e:  # every example truncated to nothing to learn
+        assert "raise --seq-len" in str(e)
+        return
+    examples = ds.train + ds.eval
+    assert len(examples) + ds.n_dropped == ds.n_records == len(rows)
+    assert ds.train  # there is always something to train on
+    for e in examples:
+        assert 1 < len(e.input_ids) <= seq_len and len(e.labels) == len(e.input_ids)
+        assert all(label in (data.IGNORE, token) for label, token in zip(e.labels, e.input_ids))
+        assert any(label != data.IGNORE for label in e.labels[1:])
+        assert e.labels[0] == data.IGNORE  # the prompt comes first
+
+
+@given(n=st.integers(1, 40), mb=st.integers(1, 8), seed=st.integers(0, 10), start=st.integers(0, 30))
+def test_micro_batch_stream_resumes_anywhere_and_never_repeats_within_an_epoch(n, mb, seed, start):
+    examples = [data.Example([i], [i]) for i in range(n)]
+    ids = lambda stream, k: [[e.input_ids[0] for e in b] for _, b in zip(range(k), stream)]  # noqa: E731
+    per_epoch = data.micro_batches_per_epoch(n, mb)
+    full = ids(data.micro_batches(examples, mb, seed), max(start + 10, per_epoch))
+    assert ids(data.micro_batches(examples, mb, seed, start=start), 10) == full[start:start + 10]
+    epoch = [i for b in full[:per_epoch] for i in b]
+    assert len(epoch) == len(set(epoch)) == per_epoch * min(mb, n)

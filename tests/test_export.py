@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -102,3 +104,24 @@ def test_export_refuses_bad_inputs_and_leaves_nothing(trained_runs, tmp_path):
     with pytest.raises(UserError, match="--dtype"):
         export(trained_runs[16], tmp_path / "y", dtype="int4", say=lambda _s: None)
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
+def test_export_to_a_full_or_unwritable_disk_is_one_line_and_leaves_nothing(error, trained_runs, tmp_path, monkeypatch, capsys):
+    """The disk fills up half-way through the shards: no partial model directory stays behind."""
+    from transformers import PreTrainedModel
+
+    from tinytune.cli import main
+
+    real = PreTrainedModel.save_pretrained
+
+    def fails_half_way(self, save_directory, **kw):
+        real(self, save_directory, **kw)  # the shards are written …
+        raise OSError(error, os.strerror(error))  # … and then the disk is full
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fails_half_way)
+    out = tmp_path / "new" / "merged"
+    assert main(["export", str(trained_runs[16]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tinytune: error: --out {out}: cannot write the export ({os.strerror(error)}); free space or choose another directory"
+    assert list(tmp_path.iterdir()) == []

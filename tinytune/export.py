@@ -111,20 +111,24 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
     model.to(EXPORT_DTYPES[dtype])
     model.config.use_cache = True
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)  # removed again on failure
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tok.save_pretrained(tmp)
         rundir.publish_mode(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"--out {out}: cannot write the export ({e.strerror or e}); free space or choose another directory") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        for leftover in (tmp, created):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"--out {out}: cannot write the export ({e.strerror or e}); free space or choose another "
+                            "directory") from None
         raise
     say(f"merged {n} layers ({cfg.bits}-bit base dequantized + {cfg.technique} delta, fp32 math) → {dtype} "
         f"HF model at {out} in {time.perf_counter() - t0:.1f}s")

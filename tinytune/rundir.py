@@ -42,8 +42,10 @@ def check_output(path: Path, overwrite: bool) -> None:
     parent = path.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {path}: {parent} is not writable; choose a directory you can write to")
+    try:  # os.access says yes to root even on read-only mounts: try it
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".tinytune-probe-"))
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write in {parent} ({e.strerror}); choose a directory you can write to") from None
 
 
 def create(path: Path, overwrite: bool) -> Path:
