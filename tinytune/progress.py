@@ -18,8 +18,9 @@ def _loss(value: float | None) -> str:
 
 
 class ProgressBar:
-    def __init__(self, total: int, stream=None, width: int = 20, start: int = 0) -> None:
+    def __init__(self, total: int, stream=None, width: int = 20, start: int = 0, quiet: bool = False) -> None:
         self.total = total
+        self.quiet = quiet  # messages only: a UI shows the progress itself
         self.first = start  # steps done before this process (a resumed run): ETA counts only the rest
         self.stream = stream or sys.stderr
         self.width = width
@@ -28,6 +29,8 @@ class ProgressBar:
         self.every = max(1, total // 20)
 
     def update(self, record: dict) -> None:
+        if self.quiet:
+            return
         step = record["step"]
         elapsed = time.perf_counter() - self.start
         done = step - self.first

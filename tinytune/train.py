@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -112,14 +113,34 @@ def generate_sample(model, tok, messages: list[dict], device, dtype, max_new_tok
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM (or a UI) so the loop ends after the current step and saves."""
+    """How the outside steers a run between steps: stop (SIGINT/SIGTERM or a UI; the loop saves a
+    checkpoint and ends), pause/resume, save a checkpoint now. Thread-safe: a UI calls these from
+    its own thread."""
 
     def __init__(self) -> None:
         self.stop = False
         self.reason = ""
+        self.save_now = False
+        self._running = threading.Event()
+        self._running.set()
 
     def request(self, reason: str) -> None:
         self.stop, self.reason = True, reason
+        self._running.set()  # a paused run wakes up to stop
+
+    def request_save(self) -> None:
+        self.save_now = True
+
+    def pause(self, paused: bool) -> None:
+        self._running.clear() if paused and not self.stop else self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def wait_while_paused(self) -> None:
+        while not self._running.wait(timeout=0.5):
+            pass
 
     @contextlib.contextmanager
     def on_signals(self):
@@ -273,7 +294,7 @@ def open_resume(run_dir: Path, overrides: dict, say) -> tuple[TrainConfig, dict,
 
 
 def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFlag | None = None, stream=None,
-        resume: Path | None = None, overrides: dict | None = None) -> Path:
+        resume: Path | None = None, overrides: dict | None = None, show_progress: bool = True) -> Path:
     """Train one adapter as ``cfg`` says, or continue the run in ``resume``; returns the run directory."""
     say = (lambda text: print(text, file=stream, flush=True)) if stream is not None else (lambda text: print(text, flush=True))
     emit = listener or (lambda _record: None)
@@ -334,6 +355,8 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     if ckpt is None:
         record = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
         record.update(planner.predicted(shape, cfg, device.type, plan))
+        if budget is not None:
+            record["budget_gib"] = round(budget.bytes / GIB, 3)
         if cfg.technique == "delta-lora":
             record["delta_start"] = adapters.delta_start(cfg, total_steps)
     say(f"model: {source.name} ({source.kind}) at {cfg.bits}-bit on {probe.describe(device)}, loaded in "
@@ -345,6 +368,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         rundir.create(out, cfg.overwrite)
         cfg.save(out / "config.json")
         rundir.write_json(out / "plan.json", record)
+    emit({"event": "plan", "run_dir": str(out), "plan": record})
 
     model.train()
     optimizer = make_optimizer(cfg.optim, adapters.param_groups(model, cfg), cfg.lr, cfg.weight_decay)
@@ -375,18 +399,26 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     if loop.gradient_checkpointing:
         enable_checkpointing(model)
 
+    def pause_event(step: int, paused: bool) -> None:
+        event = {"step": step, "event": "paused" if paused else "unpaused"}
+        metrics.write(event)
+        emit(event)
+        bar.message(f"{'paused' if paused else 'resumed'} after step {step}")
+
     def save_checkpoint(step: int) -> Path:
         trainer = {"total_steps": total_steps, "data_sha256": digest, "n_train": len(ds.train),
                    "micro_batches_done": step * cfg.grad_accum, "loop": dataclasses.asdict(loop)}
         path = checkpoint.save(out, step, model, optimizer, schedule, scaler, device, trainer, cfg.keep_checkpoints)
-        metrics.write({"step": step, "event": "checkpoint", "path": str(path.relative_to(out))})
+        event = {"step": step, "event": "checkpoint", "path": str(path.relative_to(out))}
+        metrics.write(event)
+        emit(event)
         return path
 
     if ckpt is not None:
         checkpoint.restore(ckpt, model, optimizer, schedule, scaler, device)  # last: it sets the RNG states
 
     # 3. The loop.
-    bar = ProgressBar(total_steps, stream=stream, start=loop.step)
+    bar = ProgressBar(total_steps, stream=stream, start=loop.step, quiet=not show_progress)
     stream_of_batches = data.micro_batches(ds.train, cfg.micro_batch, cfg.seed, start=loop.step * cfg.grad_accum)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -460,9 +492,17 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
                     bar.message(f"step {step}: eval loss {eval_loss:.4f}")
             if stop.stop or step == total_steps:
                 break
-            if loop.nonfinite_in_row == 0 and save_every.due(step, time.perf_counter() - last_save):  # keep good ones
+            due = save_every.due(step, time.perf_counter() - last_save)
+            if loop.nonfinite_in_row == 0 and (due or stop.save_now):  # no checkpoint during a NaN streak
+                stop.save_now = False
                 save_checkpoint(step)
                 last_save = time.perf_counter()
+            if stop.paused:
+                pause_event(step, True)
+                stop.wait_while_paused()
+                pause_event(step, False)
+                if stop.stop:
+                    break
 
         # 4. Save: a checkpoint (so a stopped run resumes), the adapter and its PEFT copy.
         if step > 0:
@@ -471,15 +511,19 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         rundir.save_tensors(out / "adapter.safetensors", state, metadata={"step": str(step), "format": str(rundir.FORMAT_VERSION)})
         if cfg.technique in PEFT_TECHNIQUES:
             save_peft_adapter(out / "peft", state, cfg, source)
-    metrics.close()
     if stop.stop and step < total_steps:
+        event = {"step": step, "event": "stopped", "total_steps": total_steps, "reason": stop.reason}
         say(f"stopped at step {step} of {total_steps} ({stop.reason}); saved {out}\n"
             f"  resume with: tinytune --resume {out}")
-        return out
-    if before is not None:
-        after = generate_sample(model, tok, ds.sample_prompt, device, dtype)
-        one_line = lambda text: " ".join(text.split())  # noqa: E731
-        say(f"sample (held out): {one_line(ds.sample_prompt[-1]['content'])}\n  before: {one_line(before)}\n"
-            f"  after:  {one_line(after)}\n  target: {one_line(ds.sample_answer)}")
-    say(f"saved {out}  (export merged weights with: tinytune export {out} --out {out}/merged)")
+    else:
+        event = {"step": step, "event": "finished", "total_steps": total_steps}
+        if before is not None:
+            after = generate_sample(model, tok, ds.sample_prompt, device, dtype)
+            one_line = lambda text: " ".join(text.split())  # noqa: E731
+            say(f"sample (held out): {one_line(ds.sample_prompt[-1]['content'])}\n  before: {one_line(before)}\n"
+                f"  after:  {one_line(after)}\n  target: {one_line(ds.sample_answer)}")
+        say(f"saved {out}  (export merged weights with: tinytune export {out} --out {out}/merged)")
+    metrics.write(event)
+    emit(event)
+    metrics.close()
     return out
