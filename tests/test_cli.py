@@ -183,7 +183,7 @@ def test_cli_trains_and_exports_end_to_end(tiny_model_dir, demo_file, tmp_path, 
                  "--max-steps", "2", "--seq-len", "128", "--rank", "4", "--no-sample"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert "step 2/2" in out.err and "eval loss before training" in out.out
+    assert "step 2/2" in out.err and "eval loss before training" in out.err
     assert json.loads((run_dir / "plan.json").read_text())["budget_gib"] == 12.0
     assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()

@@ -3,6 +3,7 @@
     tinytune [train] [--vram 12GB] [options]   train an adapter (the default command)
     tinytune plan [--model M] --vram 12GB      show the plan (and runners-up) for a memory budget
     tinytune export RUN_DIR --out DIR          merge into the base and write an HF model directory
+    tinytune monitor RUN_DIR                   the terminal UI on a run started elsewhere
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--save-every", default=d.save_every,
                    help="checkpoint every N steps (100) or every so long (30s, 10m, 1h), or off (default 5m)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints to keep (default 2)")
+    p.add_argument("--no-tui", dest="tui", action="store_false",
+                   help="plain progress lines instead of the terminal UI (the default on a terminal)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its newest checkpoint, "
                    "with the run's own settings")
     return p
@@ -110,20 +113,35 @@ def _pinned(args) -> dict:
 RESUME_OVERRIDES = ("save_every", "keep_checkpoints", "sample")  # settings a resumed run may change
 
 
+def _use_tui(args) -> bool:
+    """The terminal UI on a real terminal, unless --no-tui; piped or redirected output stays plain."""
+    return bool(args.tui) and sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
+
+
+def _train(cfg, args, **kwargs) -> None:
+    if _use_tui(args):
+        from tinytune.tui import train_with_ui
+
+        train_with_ui(cfg, **kwargs)
+    else:
+        from tinytune import train
+
+        train.run(cfg, **kwargs)
+
+
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from tinytune import train
-
     if args.resume:
         defaults = vars(build_parser().parse_args(["train"]))
-        given = [k for k, v in vars(args).items() if k not in ("resume", *RESUME_OVERRIDES) and v != defaults.get(k)]
+        given = [k for k, v in vars(args).items()
+                 if k not in ("resume", "tui", *RESUME_OVERRIDES) and v != defaults.get(k)]
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise UserError(f"--resume continues with the run's own settings; drop {flag} "
-                            "(only --save-every, --keep-checkpoints and --no-sample may change)")
+                            "(only --save-every, --keep-checkpoints, --no-sample and --no-tui may change)")
         overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) != defaults.get(k)}
-        train.run(None, resume=Path(args.resume), overrides=overrides)
+        _train(None, args, resume=Path(args.resume), overrides=overrides)
         return 0
     cfg = TrainConfig(
         model=args.model, data=args.data, out=args.out, overwrite=args.overwrite,
@@ -137,7 +155,7 @@ def cmd_train(args) -> int:
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         **_pinned(args),
     )
-    train.run(cfg)
+    _train(cfg, args)
     return 0
 
 
@@ -208,7 +226,23 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": (_train_parser, cmd_train), "plan": (_plan_parser, cmd_plan), "export": (_export_parser, cmd_export)}
+def _monitor_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("monitor", help="watch a run started elsewhere (live, or a replay once it has ended)")
+    p.add_argument("run_dir", help="a training run directory")
+    return p
+
+
+def cmd_monitor(args) -> int:
+    from pathlib import Path
+
+    from tinytune.tui import monitor
+
+    monitor(Path(args.run_dir))
+    return 0
+
+
+COMMANDS = {"train": (_train_parser, cmd_train), "plan": (_plan_parser, cmd_plan), "export": (_export_parser, cmd_export),
+            "monitor": (_monitor_parser, cmd_monitor)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,8 @@ class ProgressBar:
         self.stream.flush()
 
     def message(self, text: str) -> None:
+        if self.quiet:  # a UI shows these from the metric records
+            return
         if self.tty:
             self.stream.write("\r\x1b[2K")
         self.stream.write(text + "\n")

@@ -377,6 +377,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     eval_every = cfg.eval_every or max(1, total_steps // 4)
     loop = LoopState(gradient_checkpointing=cfg.gradient_checkpointing)
 
+    bar = ProgressBar(total_steps, stream=stream, start=loop.step, quiet=not show_progress)
     before = None
     if ckpt is None:
         metrics = rundir.MetricsWriter(out / "metrics.jsonl")
@@ -387,7 +388,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
             record = {"step": 0, "eval_loss": round(eval_loss, 6)}
             metrics.write(record)
             emit(record)
-            say(f"eval loss before training: {eval_loss:.4f}")
+            bar.message(f"eval loss before training: {eval_loss:.4f}")
     else:
         loop = LoopState(**ckpt.state["trainer"]["loop"])
         dropped = rundir.truncate_metrics(out / "metrics.jsonl", ckpt.step)
@@ -418,7 +419,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         checkpoint.restore(ckpt, model, optimizer, schedule, scaler, device)  # last: it sets the RNG states
 
     # 3. The loop.
-    bar = ProgressBar(total_steps, stream=stream, start=loop.step, quiet=not show_progress)
+    bar.start = time.perf_counter()
     stream_of_batches = data.micro_batches(ds.train, cfg.micro_batch, cfg.seed, start=loop.step * cfg.grad_accum)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
