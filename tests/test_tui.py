@@ -7,12 +7,7 @@ import asyncio
 import functools
 import json
 import os
-import pty
-import select
-import signal
-import struct
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +18,8 @@ from tinytune.tui.app import ConfirmStop, HelpScreen, MonitorApp, TinytuneApp
 from tinytune.tui.sources import FileSource, QueueSource
 from tinytune.tui.view import RunView
 from tinytune.tui.widgets import plot
+
+from pty_terminal import Terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,68 +211,9 @@ def test_training_goes_on_when_the_ui_fails(tiny_model_dir, demo_file, tmp_path,
 
 # --- the real CLI in a pseudo-terminal -------------------------------------------------------------
 
-class Terminal:
-    """A child process on a pseudo-terminal, its screen emulated by pyte."""
-
-    def __init__(self, argv: list[str], cols: int = 130, rows: int = 42) -> None:
-        import fcntl
-        import termios
-
-        import pyte
-
-        self.screen = pyte.Screen(cols, rows)
-        self.stream = pyte.ByteStream(self.screen)
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: size its terminal before the app starts
-            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            os.environ.update({"TERM": "xterm-256color", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT),
-                               "COLUMNS": str(cols), "LINES": str(rows)})
-            os.execv(sys.executable, [sys.executable, "-m", "tinytune", *argv])
-        self.status = None
-
-    def text(self) -> str:
-        return "\n".join(self.screen.display)
-
-    def pump(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end and self.status is None:
-            ready, _, _ = select.select([self.fd], [], [], 0.05)
-            if ready:
-                try:
-                    data = os.read(self.fd, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    self.reap(wait=True)
-                    return
-                self.stream.feed(data)
-            self.reap()
-
-    def reap(self, wait: bool = False) -> None:
-        pid, status = os.waitpid(self.pid, 0 if wait else os.WNOHANG)
-        if pid:
-            self.status = os.waitstatus_to_exitcode(status)
-
-    def wait_for(self, needle: str, seconds: float) -> bool:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end and self.status is None:
-            if needle in self.text():
-                return True
-            self.pump(0.2)
-        return needle in self.text()
-
-    def press(self, key: bytes) -> None:
-        os.write(self.fd, key)
-
-    def kill(self) -> None:
-        if self.status is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.reap(wait=True)
-
-
 def test_real_cli_in_a_terminal_shows_the_run_and_stops_cleanly_on_q(tiny_model_dir, demo_file, tmp_path):
     run_dir = tmp_path / "run"
-    term = Terminal(["--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(run_dir), "--max-steps", "5000",
+    term = Terminal(["-m", "tinytune", "--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(run_dir), "--max-steps", "5000",
                      "--rank", "4", "--seq-len", "128", "--no-sample", "--vram", "2GB"])
     try:
         assert term.wait_for(" of 5000", 120), term.text()

@@ -181,7 +181,6 @@ def cmd_plan(args) -> int:
     import json
 
     from tinytune import planner
-    from tinytune.memory.estimate import ModelShape
 
     if args.model is None:
         from tinytune import presets

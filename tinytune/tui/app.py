@@ -96,7 +96,7 @@ class TinytuneApp(App):
         Binding("ctrl+c", "stop", "stop", show=False, priority=True),
     ]
 
-    def __init__(self, source, sampler=None, monitor: bool = False, poll_s: float = 0.25, host_s: float = 2.0) -> None:
+    def __init__(self, source, sampler=None, monitor: bool = False, poll_s: float = 0.5, host_s: float = 2.0) -> None:
         super().__init__()
         self.source = source
         self.sampler = sampler
@@ -106,6 +106,7 @@ class TinytuneApp(App):
         self.view = RunView(quiet_events=frozenset() if monitor else frozenset({"resumed", "stopped", "finished"}))
         self.host: dict | None = None
         self.stop_requested = False
+        self._drawn: dict = {}  # what each panel shows now, so an unchanged panel is not redrawn
 
     def compose(self) -> ComposeResult:
         yield Static(id="header")
@@ -151,13 +152,26 @@ class TinytuneApp(App):
             self.redraw()
 
     def redraw(self) -> None:
+        """Update what changed; panel sizes are fixed by the CSS, so no relayout is needed."""
         v = self.view
-        self.query_one("#header", Static).update(widgets.header(v, live=self.source.live))
-        self.query_one("#progress", Static).update(widgets.progress(v))
-        self.query_one("#memory", Static).update(widgets.memory(v, self.host))
-        self.query_one("#breakdown-table", Static).update(widgets.breakdown(v))
-        self.query_one("#host", Static).update(widgets.host_line(self.host, v.on_gpu))
-        self.query_one(widgets.LossPlot).set_data(v.losses, v.evals, v.total_steps)
+        self._set("#header", widgets.header(v, live=self.source.live))
+        self._set("#progress", widgets.progress(v))
+        self._set("#memory", widgets.memory(v, self.host))
+        self._set("#host", widgets.host_line(self.host, v.on_gpu))
+        key = (id(v.plan), v.peak_gib if not v.on_gpu else v.memory.get("mem_peak_gib"))
+        if key != self._drawn.get("breakdown"):
+            self._drawn["breakdown"] = key
+            self.query_one("#breakdown-table", Static).update(widgets.breakdown(v), layout=False)
+        plot_key = (len(v.losses), len(v.evals), v.total_steps)
+        if plot_key != self._drawn.get("plot"):
+            self._drawn["plot"] = plot_key
+            self.query_one(widgets.LossPlot).set_data(v.losses, v.evals, v.total_steps)
+
+    def _set(self, selector: str, content) -> None:
+        plain = str(content)
+        if self._drawn.get(selector) != plain:
+            self._drawn[selector] = plain
+            self.query_one(selector, Static).update(content, layout=False)
 
     @work(thread=True, exclusive=True, group="host")
     def sample_host(self) -> None:

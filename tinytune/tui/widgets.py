@@ -221,5 +221,5 @@ def plot(train: list[tuple[int, float]], evals: list[tuple[int, float]], total: 
                 out.append(chr(BRAILLE_BASE + dots[r][c]), style="green")
             else:
                 out.append(" ")
-    out.append("\n" + " " * axis + "└" + f"step 1".ljust(cols - len(str(last_step))) + str(last_step), style="grey62")
+    out.append("\n" + " " * axis + "└" + "step 1".ljust(cols - len(str(last_step))) + str(last_step), style="grey62")
     return out
