@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -254,3 +255,17 @@ def test_monitor_needs_a_run_dir_and_a_terminal(tmp_path, capsys):
     (tmp_path / "plan.json").write_text("{}")
     assert main(["monitor", str(tmp_path)]) == 2
     assert "needs a terminal" in capsys.readouterr().err
+
+
+def test_bad_input_in_a_terminal_is_still_one_line_and_exit_2(tmp_path):
+    term = Terminal(["-m", "tinytune", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "run")])
+    try:
+        term.pump(120)
+    finally:
+        term.kill()
+    assert term.status == 2
+    after_ui = term.raw.rsplit(b"\x1b[?1049l", 1)[-1].decode(errors="replace")  # once the alternate screen is gone
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", after_ui).replace("\r", "")
+    lines = [line.strip() for line in plain.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tinytune: error: --data") and "no such file" in lines[0], lines
+    assert not (tmp_path / "run").exists()

@@ -378,6 +378,12 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     loop = LoopState(gradient_checkpointing=cfg.gradient_checkpointing)
 
     bar = ProgressBar(total_steps, stream=stream, start=loop.step, quiet=not show_progress)
+
+    def publish(record: dict) -> None:
+        """One record to metrics.jsonl and to the listener (the TUI)."""
+        metrics.write(record)
+        emit(record)
+
     before = None
     if ckpt is None:
         metrics = rundir.MetricsWriter(out / "metrics.jsonl")
@@ -386,24 +392,21 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         eval_loss = evaluate(model, ds.eval, cfg.micro_batch, tok.pad_token_id, device, dtype)
         if eval_loss is not None:
             record = {"step": 0, "eval_loss": round(eval_loss, 6)}
-            metrics.write(record)
-            emit(record)
+            publish(record)
             bar.message(f"eval loss before training: {eval_loss:.4f}")
     else:
         loop = LoopState(**ckpt.state["trainer"]["loop"])
         dropped = rundir.truncate_metrics(out / "metrics.jsonl", ckpt.step)
         metrics = rundir.MetricsWriter(out / "metrics.jsonl")
         record = {"step": ckpt.step, "event": "resumed", "checkpoint": ckpt.path.name, "records_dropped": dropped}
-        metrics.write(record)
-        emit(record)
+        publish(record)
         say(f"resuming {out} at step {ckpt.step} of {total_steps} from {ckpt.path.name}")
     if loop.gradient_checkpointing:
         enable_checkpointing(model)
 
     def pause_event(step: int, paused: bool) -> None:
         event = {"step": step, "event": "paused" if paused else "unpaused"}
-        metrics.write(event)
-        emit(event)
+        publish(event)
         bar.message(f"{'paused' if paused else 'resumed'} after step {step}")
 
     def save_checkpoint(step: int) -> Path:
@@ -411,8 +414,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
                    "micro_batches_done": step * cfg.grad_accum, "loop": dataclasses.asdict(loop)}
         path = checkpoint.save(out, step, model, optimizer, schedule, scaler, device, trainer, cfg.keep_checkpoints)
         event = {"step": step, "event": "checkpoint", "path": str(path.relative_to(out))}
-        metrics.write(event)
-        emit(event)
+        publish(event)
         return path
 
     if ckpt is not None:
@@ -438,8 +440,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
                 optimizer.zero_grad(set_to_none=True)
                 free_memory(device)
                 event = after_oom(loop, model, cfg.micro_batch, step)
-                metrics.write(event)
-                emit(event)
+                publish(event)
                 bar.message(f"step {step}: out of memory; retrying the step with {event['action']}")
             finite = math.isfinite(loss_total)
             if finite:
@@ -455,8 +456,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
                 loop.nonfinite_in_row += 1
                 event = {"step": step, "event": "nonfinite", "loss": str(loss_total), "skipped": True,
                          "in_a_row": loop.nonfinite_in_row}
-                metrics.write(event)
-                emit(event)
+                publish(event)
                 bar.message(f"warning: step {step}: loss or gradient is {loss_total if not math.isfinite(loss_total) else 'inf/nan'}; "
                             f"step skipped ({loop.nonfinite_in_row} in a row)")
                 if loop.nonfinite_in_row >= MAX_NONFINITE_IN_ROW:
@@ -481,15 +481,13 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
                 "tokens_per_s": round(n_tokens / seconds, 2), "step_time_s": round(seconds, 4),
                 "elapsed_s": round(time.perf_counter() - start, 3), **probe.sample(device),
             }
-            metrics.write(record)
-            emit(record)
+            publish(record)
             bar.update(record)
             if step % eval_every == 0 or step == total_steps:
                 eval_loss = evaluate(model, ds.eval, max(1, math.ceil(cfg.micro_batch / loop.split)), tok.pad_token_id, device, dtype)
                 if eval_loss is not None:
                     record = {"step": step, "eval_loss": round(eval_loss, 6)}
-                    metrics.write(record)
-                    emit(record)
+                    publish(record)
                     bar.message(f"step {step}: eval loss {eval_loss:.4f}")
             if stop.stop or step == total_steps:
                 break
@@ -524,7 +522,6 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
             say(f"sample (held out): {one_line(ds.sample_prompt[-1]['content'])}\n  before: {one_line(before)}\n"
                 f"  after:  {one_line(after)}\n  target: {one_line(ds.sample_answer)}")
         say(f"saved {out}  (export merged weights with: tinytune export {out} --out {out}/merged)")
-    metrics.write(event)
-    emit(event)
+    publish(event)
     metrics.close()
     return out

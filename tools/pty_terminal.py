@@ -33,6 +33,7 @@ class Terminal:
                                "COLUMNS": str(cols), "LINES": str(rows), **(env or {})})
             os.execv(sys.executable, [sys.executable, *argv])
         self.status = None
+        self.raw = b""  # everything the child wrote, escape sequences included
 
     def text(self) -> str:
         return "\n".join(self.screen.display)
@@ -49,6 +50,7 @@ class Terminal:
                 if not data:
                     self.reap(wait=True)
                     return
+                self.raw += data
                 self.stream.feed(data)
             self.reap()
 

@@ -83,8 +83,10 @@ def train_with_ui(cfg, resume: Path | None = None, overrides: dict | None = None
             _plain_progress(source, thread, ProgressBar)
         else:
             thread.join()
+            error_line = f"error: {app.view.error}" if app.view.error else None
             for line in app.view.log:  # the run's messages stay in the terminal after the screen closes
-                print(line)
+                if line != error_line:  # that one is printed once, as tinytune's one-line error
+                    print(line)
     except KeyboardInterrupt:
         control.request("SIGINT")
         thread.join()

@@ -144,6 +144,8 @@ class TinytuneApp(App):
                 log.write(line)
             if record.get("event") == "stopped" and not self.monitor:
                 self.set_timer(0.5, self.exit)  # the trainer saved and ended: nothing left to watch
+            if record.get("event") == "error" and not self.view.plan:
+                self.exit()  # a bad input before training started: its one line goes to the terminal
         if self.stop_requested and not self.view.finished:
             self.view.status = "stopping"
         elif self.source.control is not None and self.source.control.paused and self.view.status == "running":
