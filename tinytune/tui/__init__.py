@@ -66,7 +66,7 @@ def train_with_ui(cfg, resume: Path | None = None, overrides: dict | None = None
 
     thread = threading.Thread(target=work, name="tinytune-trainer", daemon=True)
     previous = {sig: signal.signal(sig, lambda s, _f: control.request(signal.Signals(s).name))
-                for sig in (signal.SIGTERM, signal.SIGHUP)}
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}  # from outside: stop and save
     thread.start()
     app = (app_class or TinytuneApp)(source, sampler if sampler is not None else HostSampler())
     ui_error = None
