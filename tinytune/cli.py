@@ -40,6 +40,9 @@ def _plan_choices(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default: planned; "
                    "micro-batch × accumulation = 8)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
+    p.add_argument("--offload-checkpoints", action="store_true",
+                   help="keep each layer's checkpointed input in host memory (long sequences on a small GPU)")
+    p.add_argument("--mlp-tiles", type=int, default=1, help="run each MLP over the sequence in N tiles (default 1)")
     p.add_argument("--optim", default=TrainConfig().optim, help="paged-adamw-8bit (default), paged-adamw-32bit or adamw")
 
 
@@ -153,6 +156,7 @@ def cmd_train(args) -> int:
         optim=args.optim, eval_fraction=args.eval_fraction,
         eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, device=args.device, sample=args.sample,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        offload_checkpoints=args.offload_checkpoints, mlp_tiles=args.mlp_tiles,
         **_pinned(args),
     )
     _train(cfg, args)
@@ -190,6 +194,7 @@ def cmd_plan(args) -> int:
         shape = _shape_for(args.model)
     pinned = _pinned(args)
     cfg = TrainConfig(optim=args.optim, dropout=args.dropout, targets=tuple(t.strip() for t in args.targets.split(",")),
+                      offload_checkpoints=args.offload_checkpoints, mlp_tiles=args.mlp_tiles,
                       **{k: v for k, v in pinned.items() if k != "fixed"})
     budget = planner.resolve_budget(parse_vram(args.vram) if args.vram is not None else None, args.gpu, "cuda", args.vram)
     if budget is None:

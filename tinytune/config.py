@@ -148,6 +148,10 @@ class TrainConfig:
     seed: int = 0
     optim: str = "paged-adamw-8bit"
     gradient_checkpointing: bool = True
+    offload_checkpoints: bool = False
+    """Keep each layer's checkpointed input in (pinned) host memory until backward needs it."""
+    mlp_tiles: int = 1
+    """Run each MLP over the sequence in this many checkpointed tiles (long sequences)."""
     eval_fraction: float = 0.05
     eval_every: int = 0
     """Steps between evaluations; 0 = four times per run."""
@@ -207,6 +211,11 @@ class TrainConfig:
             raise UserError(f"--eval-fraction {self.eval_fraction} must be in [0, 0.5)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise UserError("--offload-checkpoints moves gradient checkpoints to host memory; it needs gradient "
+                            "checkpointing: drop --no-gradient-checkpointing")
+        if self.mlp_tiles < 1:
+            raise UserError(f"--mlp-tiles {self.mlp_tiles} must be a positive whole number (1 = no tiling)")
         parse_save_every(self.save_every)
         if self.keep_checkpoints < 1:
             raise UserError(f"--keep-checkpoints {self.keep_checkpoints} must be at least 1 (the newest checkpoint is what --resume needs)")

@@ -65,6 +65,8 @@ class Fixed:
     optim: str = "paged-adamw-8bit"
     dropout: float = 0.05
     targets: tuple[str, ...] = ("all-linear",)
+    offload: bool = False
+    mlp_tiles: int = 1
 
     def named(self) -> str:
         flags = [f"--technique {self.technique}" if self.technique else "", f"--rank {self.rank}" if self.rank else "",
@@ -131,7 +133,8 @@ def _candidate(shape: ModelShape, budget: Budget, fixed: Fixed, seq_len: int, te
                micro_batch: int, checkpointing: bool, scale: float) -> Candidate:
     setup = Setup(technique=technique, rank=rank, bits=bits, micro_batch=micro_batch, seq_len=seq_len,
                   gradient_checkpointing=checkpointing, optim=fixed.optim, dropout=fixed.dropout,
-                  targets=fixed.targets, device=budget.device)
+                  targets=fixed.targets, device=budget.device, offload=fixed.offload and checkpointing,
+                  mlp_tiles=fixed.mlp_tiles)
     est = estimate(shape, setup)
     if scale != 1.0:  # a calibration run measured activations differently from the formulas
         for key in ("activations", "backward working set"):
@@ -154,6 +157,8 @@ def _best_in_family(shape, budget, fixed, seq_len, technique, bits, scale) -> tu
         ranks = [0]
     mbs = [fixed.micro_batch] if fixed.micro_batch else [m for m in MICRO_BATCHES if m <= EFFECTIVE_BATCH]
     ckpts = [fixed.gradient_checkpointing] if fixed.gradient_checkpointing is not None else [True, False]
+    if fixed.offload:
+        ckpts = [True]  # offloading moves the checkpoints: it needs them
     smallest = None
     for rank in ranks:
         # Rank first: at the least-memory setting of everything else.
@@ -265,7 +270,8 @@ def fixed_from_config(cfg, explicit: set[str]) -> Fixed:
     pick = lambda name: getattr(cfg, name) if name in explicit else None  # noqa: E731
     return Fixed(technique=pick("technique"), rank=pick("rank"), bits=pick("bits"), micro_batch=pick("micro_batch"),
                  grad_accum=pick("grad_accum"), gradient_checkpointing=pick("gradient_checkpointing"),
-                 optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets)
+                 optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets,
+                 offload=getattr(cfg, "offload_checkpoints", False), mlp_tiles=getattr(cfg, "mlp_tiles", 1))
 
 
 def apply(plan: Plan, cfg, pinned: set[str]) -> None:
@@ -285,7 +291,8 @@ def apply(plan: Plan, cfg, pinned: set[str]) -> None:
 def estimate_for(shape: ModelShape, cfg, device: str, seq_len: int | None = None) -> Estimate:
     return estimate(shape, Setup(technique=cfg.technique, rank=cfg.rank, bits=cfg.bits, micro_batch=cfg.micro_batch,
                                  seq_len=seq_len or cfg.seq_len, gradient_checkpointing=cfg.gradient_checkpointing,
-                                 optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets, device=device))
+                                 optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets, device=device,
+                                 offload=cfg.offload_checkpoints and cfg.gradient_checkpointing, mlp_tiles=cfg.mlp_tiles))
 
 
 def dynamic_bytes(est: Estimate) -> int:
@@ -342,9 +349,11 @@ def render(plan: Plan) -> str:
     plans = [plan.chosen, *plan.runners_up]
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
     head = [c.label() for c in plans]
-    sub = [f"mb {c.setup.micro_batch}×{c.grad_accum}" + (" ckpt" if c.setup.gradient_checkpointing else "") for c in plans]
+    sub = [f"mb {c.setup.micro_batch}×{c.grad_accum}" + (" ckpt" if c.setup.gradient_checkpointing else "")
+           + (" offload" if c.setup.offload else "") + (f" mlp/{c.setup.mlp_tiles}" if c.setup.mlp_tiles > 1 else "")
+           for c in plans]
     names = list(dict.fromkeys(name for c in plans for name, _, _ in c.est.table()))
-    width = max(16, *(len(h) + 2 for h in head))
+    width = max(16, *(len(h) + 2 for h in head + sub))
     first = max(len(n) for n in [*names, "predicted peak (GiB)"]) + 2
     lines = [
         f"plan for {shape.name} ({shape.n_params / 1e9:.2f}B parameters) in {gib(budget.bytes)} GiB ({budget.source}), "
@@ -379,7 +388,8 @@ def describe(cfg, model_config, device, dtype, n_trainable: int, total_steps: in
         "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len, "grad_accum": cfg.grad_accum,
         "effective_batch": cfg.micro_batch * cfg.grad_accum,
         "max_tokens_per_step": cfg.micro_batch * cfg.grad_accum * cfg.seq_len,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "optim": cfg.optim, "total_steps": total_steps,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "offload_checkpoints": cfg.offload_checkpoints,
+        "mlp_tiles": cfg.mlp_tiles, "optim": cfg.optim, "total_steps": total_steps,
         "trainable_params": n_trainable, "device": device.type, "compute_dtype": str(dtype).removeprefix("torch."),
         "budget_gib": round(cfg.vram / GIB, 3) if cfg.vram else None,
         "model": {"name": source.name, "kind": source.kind, "model_type": model_config.model_type,

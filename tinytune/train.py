@@ -21,13 +21,14 @@ from typing import Callable
 
 import torch
 
-from tinytune import adapters, checkpoint, data, loading, planner, rundir
+from tinytune import adapters, checkpoint, data, loading, memsave, planner, rundir
 from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, GIB, TrainConfig, parse_save_every
 from tinytune.errors import UserError
 from tinytune.export import PEFT_TECHNIQUES, save_peft_adapter
 from tinytune.loss import causal_lm_loss_sum
 from tinytune.memory import probe
 from tinytune.memory.estimate import ModelShape
+from tinytune.memsave import enable_checkpointing
 from tinytune.progress import ProgressBar
 
 Listener = Callable[[dict], None]
@@ -202,15 +203,6 @@ def calibrate(model, shape, plan, cfg: TrainConfig, pinned: set[str], device, dt
     new = planner.make_plan(shape, plan.budget, cfg.seq_len, planner.fixed_from_config(cfg, keep), activation_scale=scale)
     planner.apply(new, cfg, keep)
     return new
-
-
-def enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (non-reentrant: works with frozen inputs)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @dataclass
@@ -402,7 +394,8 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         publish(record)
         say(f"resuming {out} at step {ckpt.step} of {total_steps} from {ckpt.path.name}")
     if loop.gradient_checkpointing:
-        enable_checkpointing(model)
+        memsave.offload_checkpoints(model) if cfg.offload_checkpoints else enable_checkpointing(model)
+    memsave.tile_mlp(model, cfg.mlp_tiles)
 
     def pause_event(step: int, paused: bool) -> None:
         event = {"step": step, "event": "paused" if paused else "unpaused"}

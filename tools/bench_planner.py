@@ -52,7 +52,7 @@ def run_one(spec: dict) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from tinytune import adapters, loading, presets, train
+    from tinytune import adapters, loading, memsave, presets, train
     from tinytune.config import GIB, TrainConfig
     from tinytune.errors import UserError
     from tinytune.memory.estimate import CUDA_CONTEXT_BYTES, ModelShape, Setup, estimate
@@ -83,7 +83,7 @@ def run_one(spec: dict) -> dict:
         model = loading.build_random(config, tc.bits, device, dtype)
         adapters.apply(model, tc, 100)
         if tc.gradient_checkpointing:
-            train.enable_checkpointing(model)
+            memsave.enable_checkpointing(model)
         model.train()
         optimizer = train.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
         ids = torch.randint(0, shape.vocab, (tc.micro_batch, tc.seq_len))

@@ -110,6 +110,10 @@ class Setup:
     padded: bool | None = None
     """Whether batches carry a padding mask; None = whenever micro_batch > 1."""
     loss_chunk: int = LOSS_CHUNK
+    offload: bool = False
+    """Checkpointed layer inputs in host memory (memsave.offload_checkpoints)."""
+    mlp_tiles: int = 1
+    """MLP run over the sequence in this many checkpointed tiles (memsave.tile_mlp)."""
 
     @property
     def act_bytes(self) -> int:
@@ -272,9 +276,20 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     d, n = setup.act_bytes, setup.tokens
     per_layer = layer_saved_bytes_per_token(shape, setup) * n
     final = (4 * shape.hidden + 4 + d * shape.hidden) * n  # final norm + the head's input
+    if setup.mlp_tiles > 1:  # the MLP keeps its input per tile; one tile's intermediates exist at a time
+        mlp = 3 * d * shape.intermediate * n
+        per_layer += d * shape.hidden * n - mlp + mlp / setup.mlp_tiles
     if setup.gradient_checkpointing:
-        return int(shape.layers * d * shape.hidden * n + final), int(per_layer)
+        inputs = shape.layers * d * shape.hidden * n
+        if setup.offload:  # in host memory; the one layer in backward brings its input back
+            return int(final), int(per_layer + d * shape.hidden * n)
+        return int(inputs + final), int(per_layer)
     return int(shape.layers * per_layer + final), 0
+
+
+def host_offload_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Pinned host memory for offloaded checkpoints: every layer's input."""
+    return shape.layers * setup.act_bytes * shape.hidden * setup.tokens if setup.offload else 0
 
 
 def adapter_cast_bytes(shape: ModelShape, setup: Setup, trainable: int, stored: int) -> int:
@@ -291,7 +306,7 @@ def adapter_cast_bytes(shape: ModelShape, setup: Setup, trainable: int, stored: 
 def backward_work_bytes(shape: ModelShape, setup: Setup) -> int:
     """Gradients in flight through one layer: the residual stream's and the MLP intermediates'."""
     d, n = setup.act_bytes, setup.tokens
-    return (3 * d * shape.hidden + 3 * d * shape.intermediate) * n
+    return int((3 * d * shape.hidden + 3 * d * shape.intermediate / max(1, setup.mlp_tiles)) * n)
 
 
 def loss_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -334,8 +349,11 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     kept, rebuilt = activation_bytes(shape, setup)
     c["activations"] = kept
     notes["activations"] = (f"{setup.micro_batch}×{setup.seq_len} tokens, "
-                            + ("layer inputs only (gradient checkpointing)" if setup.gradient_checkpointing
-                               else "every layer's saved tensors"))
+                            + ("final layer only; layer inputs offloaded to host "
+                               f"({host_offload_bytes(shape, setup) / 2**30:.2f} GiB pinned)" if setup.offload and setup.gradient_checkpointing
+                               else "layer inputs only (gradient checkpointing)" if setup.gradient_checkpointing
+                               else "every layer's saved tensors")
+                            + (f", MLP in {setup.mlp_tiles} tiles" if setup.mlp_tiles > 1 else ""))
     loss = loss_bytes(shape, setup)
     layer = rebuilt + backward_work_bytes(shape, setup) + dequant_scratch_bytes(shape, setup)
     c["backward working set"] = max(loss, layer)

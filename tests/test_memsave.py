@@ -1,0 +1,114 @@
+"""Offloaded checkpoints and the tiled MLP compute the same gradients as plain training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinytune import adapters, loading, memsave, train
+from tinytune.config import TrainConfig
+
+IDS = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def lora_grads(tiny_model_dir, bits: int, setup) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), bits, torch.device("cpu"))
+    cfg = TrainConfig(rank=4, alpha=8, dropout=0.0, bits=bits)
+    adapters.apply(model, cfg)
+    with torch.no_grad():  # B starts at zero: give it values so every path carries gradient
+        for p in adapters.trainable(model):
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    setup(model)
+    model.train()
+    mask = torch.ones_like(IDS)
+    mask[1, 30:] = 0  # a padded row
+    batch = {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
+    loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+    (loss_sum / n).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+SETUPS = {
+    "checkpointing": memsave.enable_checkpointing,
+    "offloaded checkpoints": memsave.offload_checkpoints,
+    "tiled MLP": lambda m: (memsave.enable_checkpointing(m), memsave.tile_mlp(m, 3)),
+    "offloaded + tiled": lambda m: (memsave.offload_checkpoints(m), memsave.tile_mlp(m, 4)),
+    "tiled MLP without checkpointing": lambda m: memsave.tile_mlp(m, 3),
+}
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_same_gradients_as_plain(tiny_model_dir, bits, name):
+    plain = lora_grads(tiny_model_dir, bits, lambda m: None)
+    other = lora_grads(tiny_model_dir, bits, SETUPS[name])
+    assert plain.keys() == other.keys() and len(plain) == 2 * 14
+    for key in plain:
+        assert plain[key].abs().sum() > 0, key
+        torch.testing.assert_close(other[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_offload_keeps_only_host_copies_of_layer_inputs(tiny_model_dir):
+    """Under offloading, what autograd keeps between forward and backward for the decoder layers is
+    their inputs, on the CPU; nothing of a layer's inside survives the forward."""
+    torch.manual_seed(0)
+    model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 16, torch.device("cpu"))
+    adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=16))
+    memsave.offload_checkpoints(model)
+    model.train()
+    packed = []
+    real = torch.autograd.graph.save_on_cpu.__init__
+
+    def spy(self, pin_memory=False, device_type="cuda"):
+        real(self, pin_memory, device_type)
+        pack = self.pack_hook
+
+        def recording(tensor):
+            packed.append(tuple(tensor.shape))
+            return pack(tensor)
+
+        self.pack_hook = recording
+
+    torch.autograd.graph.save_on_cpu.__init__ = spy
+    try:
+        batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}
+        loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+    finally:
+        torch.autograd.graph.save_on_cpu.__init__ = real
+    hidden = model.config.hidden_size
+    assert packed.count((2, 48, hidden)) == model.config.num_hidden_layers  # one input per layer
+    assert all(shape[-1] != model.config.intermediate_size for shape in packed)
+    (loss_sum / n).backward()
+
+
+def test_the_estimator_knows_both_switches():
+    from tinytune import presets
+    from tinytune.memory.estimate import Setup, estimate, host_offload_bytes
+
+    shape = presets.model_shape("llama-3.1-8b")
+    base = Setup(seq_len=16384, gradient_checkpointing=True)
+    plain = estimate(shape, base)
+    off = estimate(shape, Setup(seq_len=16384, gradient_checkpointing=True, offload=True))
+    inputs = shape.layers * 2 * shape.hidden * 16384
+    assert plain.components["activations"] - off.components["activations"] == inputs
+    assert host_offload_bytes(shape, off.setup) == inputs and "offloaded to host" in off.notes["activations"]
+    tiled = estimate(shape, Setup(seq_len=16384, gradient_checkpointing=True, mlp_tiles=8))
+    # 7/8 of the rebuilt intermediates and of their gradients go; each tile's checkpoint keeps its input
+    saved = 2 * 2 * 3 * shape.intermediate * 16384 * 7 / 8 - 2 * shape.hidden * 16384
+    assert plain.components["backward working set"] - tiled.components["backward working set"] == pytest.approx(saved, rel=1e-6)
+
+
+def test_a_run_with_both_switches(tiny_model_dir, demo_file, tmp_path):
+    import json
+
+    from tinytune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(out), "--max-steps", "2",
+                 "--rank", "4", "--seq-len", "128", "--no-sample", "--offload-checkpoints", "--mlp-tiles", "2",
+                 "--vram", "2GB"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert config["offload_checkpoints"] and config["mlp_tiles"] == 2 and config["gradient_checkpointing"]
+    assert plan["offload_checkpoints"] and plan["mlp_tiles"] == 2 and plan["gradient_checkpointing"]

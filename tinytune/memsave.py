@@ -1,0 +1,65 @@
+"""Two memory switches for long sequences, each exact (the same gradients, recomputed or moved):
+
+- **Offloaded checkpoints.** With gradient checkpointing a step keeps one tensor per decoder layer,
+  its input (tokens × hidden). ``offload_checkpoints`` moves those to (pinned) host memory until
+  the layer's backward needs them, so GPU activations no longer grow with the number of layers.
+  Reentrant checkpointing keeps only the layer's inputs, through ``save_for_backward``, which
+  ``torch.autograd.graph.save_on_cpu`` can move; the non-reentrant kind keeps them through saved-
+  tensor hooks of its own, out of save_on_cpu's reach. Reentrant checkpointing needs an input that
+  requires grad: the embeddings' output is made to (``enable_input_require_grads``).
+- **Tiled MLP.** A layer recomputed in backward rebuilds its MLP's intermediates (gate, up and
+  their product: 3 × tokens × intermediate, 14,336 wide for Llama-3.1-8B) for the whole sequence at
+  once. ``tile_mlp`` runs the MLP over the sequence in tiles, each under its own checkpoint, so only
+  one tile's intermediates exist at a time. The MLP is position-wise, so tiling changes nothing but
+  the order of float additions in the weight gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    return list(model.get_decoder().layers)
+
+
+def enable_checkpointing(model, reentrant: bool = False) -> None:
+    """Recompute each decoder layer in backward (non-reentrant by default: works with frozen inputs)."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _offloaded(function, *args, pin_memory: bool):
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+        return checkpoint(function, *args, use_reentrant=True)
+
+
+def offload_checkpoints(model) -> None:
+    """Checkpoint every decoder layer with its input kept in host memory (pinned on CUDA)."""
+    pin = next(model.parameters()).device.type == "cuda"
+    enable_checkpointing(model, reentrant=True)
+    model.enable_input_require_grads()
+    for layer in decoder_layers(model):
+        layer._gradient_checkpointing_func = functools.partial(_offloaded, pin_memory=pin)
+
+
+def _tiled(mlp_forward, tiles: int, x: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, hidden) → (batch, seq, hidden), the sequence in ``tiles`` pieces."""
+    if not torch.is_grad_enabled() or x.dim() < 3 or x.shape[-2] < 2 * tiles:
+        return mlp_forward(x)
+    return torch.cat([checkpoint(mlp_forward, piece, use_reentrant=False) for piece in x.chunk(tiles, dim=-2)], dim=-2)
+
+
+def tile_mlp(model, tiles: int) -> None:
+    """Run every decoder layer's MLP over the sequence in ``tiles`` checkpointed pieces."""
+    if tiles <= 1:
+        return
+    for layer in decoder_layers(model):
+        mlp = layer.mlp
+        mlp.forward = functools.partial(_tiled, mlp.forward, tiles)
