@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command][1](args)
     except UserError as e:
-        print(f"tinytune: error: {e}", file=sys.stderr)
+        one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")  # a path or a value may hold a newline
+        print(f"tinytune: error: {one_line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tinytune: interrupted", file=sys.stderr)

@@ -123,7 +123,7 @@ def _record_format(rec, path: Path, lineno: int) -> str:
         if not isinstance(rec["text"], str) or not rec["text"].strip():
             raise UserError(f"{where}: \"text\" must be a non-empty string")
         return "text"
-    names = sorted(str(k)[:40] for k in rec)
+    names = sorted(str(k).encode("unicode_escape").decode()[:40] for k in rec)  # one line, whatever the keys hold
     keys = ", ".join(names[:8]) + (f", … ({len(names)} keys)" if len(names) > 8 else "") or "none"
     raise UserError(f"{where}: unknown record (keys: {keys}); use \"instruction\"+\"output\", \"messages\" or \"text\"")
 
