@@ -168,3 +168,21 @@ def test_bench_planner_smoke_runs_a_grid_row_on_cpu():
     assert proc.returncode == 0, proc.stderr
     row = proc.stdout.strip().splitlines()[-1]
     assert "vera" in row and row.endswith("ok"), proc.stdout
+
+
+def test_long_context_turns_on_offloading_and_mlp_tiles_when_nothing_else_fits():
+    shape = presets.model_shape("llama-3.1-8b")
+    budget = planner.Budget(12 * GIB, "cuda", "--vram 12GB")
+    short = planner.make_plan(shape, budget, 2048)
+    assert not short.chosen.setup.offload and short.chosen.setup.mlp_tiles == 1  # not needed: not used
+    long = planner.make_plan(shape, budget, 16384)
+    s = long.chosen.setup
+    assert s.offload and s.gradient_checkpointing and s.mlp_tiles == 8 and long.chosen.fits
+    assert "offloaded to host memory" in long.chosen.reason and "MLP in 8 tiles" in long.chosen.reason
+    from tinytune.config import TrainConfig
+
+    cfg = TrainConfig(seq_len=16384)
+    planner.apply(long, cfg, set())
+    assert cfg.offload_checkpoints and cfg.mlp_tiles == 8
+    with pytest.raises(UserError, match="nothing fits"):  # pinned off: no offloading behind the user's back
+        planner.make_plan(shape, budget, 16384, planner.Fixed(gradient_checkpointing=False))

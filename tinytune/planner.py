@@ -25,7 +25,7 @@ When nothing fits, the error gives the smallest budget that would.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tinytune.config import GIB
 from tinytune.errors import UserError
@@ -38,6 +38,7 @@ MICRO_BATCHES = (8, 4, 2, 1)
 EFFECTIVE_BATCH = 8
 DEFAULT_SEQ_CAP = 2048  # without --seq-len: plan for the longest example, at most this long
 PLANNED = ("technique", "rank", "bits", "seq_len", "micro_batch", "grad_accum", "gradient_checkpointing", "alpha")
+OFFLOAD_TILE_TOKENS = 2048  # with offloading the MLP runs in tiles of about this many tokens
 SAFETY_MARGIN = 0.05  # of the budget, kept free beyond the predicted need: the estimate's error bar
 CHECKPOINT_COST = 1.33  # recomputing each layer's forward in backward: 4 passes of work instead of 3
 QUALITY = {"full": "every weight trains", "lora": "LoRA", "lora-plus": "LoRA with B at a higher learning rate",
@@ -209,6 +210,13 @@ def make_plan(shape: ModelShape, budget: Budget, seq_len: int, fixed: Fixed | No
             tried.append(cand)
             if fits and chosen is None:
                 chosen = cand
+    if chosen is None and budget.device == "cuda" and not fixed.offload and fixed.gradient_checkpointing is not False:
+        # Nothing fits as is: move the checkpoints to host memory and tile the MLP (same gradients, slower).
+        tiles = max(fixed.mlp_tiles, math.ceil(seq_len / OFFLOAD_TILE_TOKENS))
+        try:
+            return make_plan(shape, budget, seq_len, replace(fixed, offload=True, mlp_tiles=tiles), activation_scale)
+        except UserError:
+            pass  # report the plain attempt below: its figures are what the user asked about
     if chosen is None:
         least = min(tried, key=lambda c: c.est.needed)
         what = f"with {fixed.named()} " if fixed.named() else ""
@@ -237,6 +245,10 @@ def _reason(c: Candidate, fixed: Fixed) -> str:
     why.append(f"{s.micro_batch}×{s.seq_len} tokens per micro-batch × {c.grad_accum} accumulated")
     why.append("gradient checkpointing" + (" (needed to fit)" if s.gradient_checkpointing and fixed.gradient_checkpointing is None else "")
                if s.gradient_checkpointing else "no gradient checkpointing (fits without; ≈25% faster)")
+    if s.offload:
+        why.append("checkpoints offloaded to host memory" + ("" if fixed.offload else " (needed to fit)"))
+    if s.mlp_tiles > 1:
+        why.append(f"MLP in {s.mlp_tiles} tiles")
     return f"{QUALITY[s.technique]}: " + "; ".join(why) + f"; {c.headroom / GIB:.2f} GiB headroom"
 
 
@@ -281,6 +293,8 @@ def apply(plan: Plan, cfg, pinned: set[str]) -> None:
                         ("grad_accum", plan.chosen.grad_accum), ("gradient_checkpointing", s.gradient_checkpointing)):
         if name not in pinned:
             setattr(cfg, name, value)
+    cfg.offload_checkpoints = cfg.offload_checkpoints or s.offload  # the planner only ever turns these on
+    cfg.mlp_tiles = max(cfg.mlp_tiles, s.mlp_tiles)
     if "rank" not in pinned and s.technique != "full":
         cfg.rank = s.rank
         if "alpha" not in pinned:
