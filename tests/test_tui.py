@@ -160,6 +160,9 @@ async def test_keys_pause_save_help_and_stop_with_confirmation():
         assert control.save_now
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
+        source.put(step_record(13, 2.3))  # records keep arriving while a modal screen is open
+        await pilot.pause(0.2)
+        assert app.view.step == 13 and "step 13 of 40" in str(app._panels["#progress"].content)
         await pilot.press("x")
         assert not isinstance(app.screen, HelpScreen)
         await pilot.press("q")

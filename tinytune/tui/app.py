@@ -125,7 +125,12 @@ class TinytuneApp(App):
         for panel, title in (("progress", "progress"), ("memory", "memory"), ("plot", "loss"),
                              ("breakdown", "plan"), ("host", "machine"), ("log", "log")):
             self.query_one(f"#{panel}").border_title = title
-        self.begin_capture_print(self.query_one(LogPane))
+        # Kept by reference: a modal (help, confirm) is the active screen while it is open, and a
+        # query would search it instead of the main screen.
+        self._panels = {sel: self.query_one(sel) for sel in ("#header", "#progress", "#memory", "#host", "#breakdown-table")}
+        self.log_pane = self.query_one(LogPane)
+        self.plot = self.query_one(widgets.LossPlot)
+        self.begin_capture_print(self.log_pane)
         self.set_interval(self.poll_s, self.poll)
         if self.sampler is not None:
             self.sample_host()
@@ -136,7 +141,7 @@ class TinytuneApp(App):
 
     def poll(self) -> None:
         records = self.source.poll()
-        log = self.query_one(LogPane)
+        log = self.log_pane
         for record in records:
             if record.get("event") == "reset":
                 log.clear()
@@ -163,17 +168,17 @@ class TinytuneApp(App):
         key = (id(v.plan), v.peak_gib if not v.on_gpu else v.memory.get("mem_peak_gib"))
         if key != self._drawn.get("breakdown"):
             self._drawn["breakdown"] = key
-            self.query_one("#breakdown-table", Static).update(widgets.breakdown(v), layout=False)
+            self._panels["#breakdown-table"].update(widgets.breakdown(v), layout=False)
         plot_key = (len(v.losses), len(v.evals), v.total_steps)
         if plot_key != self._drawn.get("plot"):
             self._drawn["plot"] = plot_key
-            self.query_one(widgets.LossPlot).set_data(v.losses, v.evals, v.total_steps)
+            self.plot.set_data(v.losses, v.evals, v.total_steps)
 
     def _set(self, selector: str, content) -> None:
         plain = str(content)
         if self._drawn.get(selector) != plain:
             self._drawn[selector] = plain
-            self.query_one(selector, Static).update(content, layout=False)
+            self._panels[selector].update(content, layout=False)
 
     @work(thread=True, exclusive=True, group="host")
     def sample_host(self) -> None:
@@ -198,7 +203,7 @@ class TinytuneApp(App):
             if stop:
                 self.stop_requested = True
                 self.source.control.request("q")
-                self.query_one(LogPane).write("stop requested: saving a checkpoint after the current step…")
+                self.log_pane.write("stop requested: saving a checkpoint after the current step…")
                 self.view.status = "stopping"
                 self.redraw()
 
@@ -212,7 +217,7 @@ class TinytuneApp(App):
         if control is None:
             return
         control.pause(not control.paused)
-        self.query_one(LogPane).write("pausing after the current step…" if control.paused else "resuming…")
+        self.log_pane.write("pausing after the current step…" if control.paused else "resuming…")
         self.view.status = "paused" if control.paused else "running"
         self.redraw()
 
@@ -221,7 +226,7 @@ class TinytuneApp(App):
         if control is None:
             return
         control.request_save()
-        self.query_one(LogPane).write("checkpoint requested: it is written after the current step")
+        self.log_pane.write("checkpoint requested: it is written after the current step")
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
