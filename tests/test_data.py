@@ -193,3 +193,20 @@ def test_micro_batch_stream_resumes_anywhere_and_never_repeats_within_an_epoch(n
     assert ids(data.micro_batches(examples, mb, seed, start=start), 10) == full[start:start + 10]
     epoch = [i for b in full[:per_epoch] for i in b]
     assert len(epoch) == len(set(epoch)) == per_epoch * min(mb, n)
+
+
+def test_pack_keeps_every_example_whole_and_restarts_positions():
+    examples = [data.Example(list(range(10 * i, 10 * i + n)), list(range(10 * i, 10 * i + n))) for i, n in
+                enumerate([5, 3, 7, 2, 8, 4, 6, 2])]
+    rows = data.pack(examples, seq_len=10, seed=0)
+    assert all(len(r.input_ids) <= 10 for r in rows) and len(rows) < len(examples)
+    segments = []
+    for r in rows:
+        starts = [i for i, p in enumerate(r.position_ids) if p == 0] + [len(r.input_ids)]
+        for a, b in zip(starts, starts[1:]):
+            segments.append(tuple(r.input_ids[a:b]))
+            assert r.position_ids[a:b] == list(range(b - a)) and r.labels[a] == data.IGNORE
+            assert r.labels[a + 1:b] == r.input_ids[a + 1:b]
+    assert sorted(segments) == sorted(tuple(e.input_ids) for e in examples)  # none split, dropped or repeated
+    batch = data.collate(rows[:2], pad_id=0)
+    assert "attention_mask" not in batch and batch["position_ids"].shape == batch["input_ids"].shape

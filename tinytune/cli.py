@@ -75,6 +75,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train-on-prompt", action="store_true", help="also compute the loss on prompt tokens")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--no-sample", dest="sample", action="store_false", help="skip the before/after generation sample")
+    p.add_argument("--pack", action="store_true", help="pack short examples into rows of --seq-len tokens "
+                   "(no attention across examples)")
     p.add_argument("--save-every", default=d.save_every,
                    help="checkpoint every N steps (100) or every so long (30s, 10m, 1h), or off (default 5m)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints to keep (default 2)")
@@ -156,7 +158,7 @@ def cmd_train(args) -> int:
         optim=args.optim, eval_fraction=args.eval_fraction,
         eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, device=args.device, sample=args.sample,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        offload_checkpoints=args.offload_checkpoints, mlp_tiles=args.mlp_tiles,
+        offload_checkpoints=args.offload_checkpoints, mlp_tiles=args.mlp_tiles, pack=args.pack,
         **_pinned(args),
     )
     _train(cfg, args)

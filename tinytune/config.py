@@ -151,6 +151,8 @@ class TrainConfig:
     offload_checkpoints: bool = False
     """Keep each layer's checkpointed input in (pinned) host memory until backward needs it."""
     mlp_tiles: int = 1
+    pack: bool = False
+    """Pack short train examples into rows of seq_len tokens (no attention across examples)."""
     """Run each MLP over the sequence in this many checkpointed tiles (long sequences)."""
     eval_fraction: float = 0.05
     eval_every: int = 0

@@ -32,6 +32,8 @@ ROLES = ("system", "user", "assistant")
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    """Set on packed rows: positions restart at 0 for each example (see ``pack``)."""
 
 
 @dataclass
@@ -218,8 +220,53 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
     )
 
 
+def pack(examples: list[Example], seq_len: int, seed: int) -> list[Example]:
+    """Short examples packed into rows of at most ``seq_len`` tokens, none split or dropped.
+
+    Positions restart at 0 for each example; given position ids and no attention mask, transformers
+    builds a mask in which a token attends only within its own example. The first label of each
+    example is ignored, so no token is trained to predict the start of the next example. Examples
+    are taken in a seeded shuffle and placed first-fit into the open rows.
+    """
+    order = list(range(len(examples)))
+    random.Random(seed * 7_919 + 1).shuffle(order)
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for i in order:
+        e = examples[i]
+        n = len(e.input_ids)
+        slot = next((r for r, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([])
+            room.append(seq_len)
+            slot = len(rows) - 1
+        rows[slot].append(e)
+        room[slot] -= n
+    packed = []
+    for row in rows:
+        ids, labels, positions = [], [], []
+        for e in row:
+            ids += e.input_ids
+            labels += [IGNORE] + e.labels[1:]
+            positions += list(range(len(e.input_ids)))
+        packed.append(Example(ids, labels, positions))
+    return packed
+
+
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest example."""
+    """Right-pad a micro-batch to its longest example. Packed rows carry position ids instead of an
+    attention mask (padding then reads as one more example, and its labels are ignored)."""
+    if batch[0].position_ids is not None:
+        width = max(len(e.input_ids) for e in batch)
+        out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
+               "labels": torch.full((len(batch), width), IGNORE, dtype=torch.long),
+               "position_ids": torch.zeros((len(batch), width), dtype=torch.long)}
+        for row, e in enumerate(batch):
+            n = len(e.input_ids)
+            out["input_ids"][row, :n] = torch.tensor(e.input_ids)
+            out["labels"][row, :n] = torch.tensor(e.labels)
+            out["position_ids"][row] = torch.tensor(e.position_ids + list(range(width - n)))
+        return out
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)

@@ -68,6 +68,8 @@ class Fixed:
     targets: tuple[str, ...] = ("all-linear",)
     offload: bool = False
     mlp_tiles: int = 1
+    padded: bool | None = None
+    """Batches carry an attention mask (packed rows always do); None = when micro-batch > 1."""
 
     def named(self) -> str:
         flags = [f"--technique {self.technique}" if self.technique else "", f"--rank {self.rank}" if self.rank else "",
@@ -135,7 +137,7 @@ def _candidate(shape: ModelShape, budget: Budget, fixed: Fixed, seq_len: int, te
     setup = Setup(technique=technique, rank=rank, bits=bits, micro_batch=micro_batch, seq_len=seq_len,
                   gradient_checkpointing=checkpointing, optim=fixed.optim, dropout=fixed.dropout,
                   targets=fixed.targets, device=budget.device, offload=fixed.offload and checkpointing,
-                  mlp_tiles=fixed.mlp_tiles)
+                  mlp_tiles=fixed.mlp_tiles, padded=fixed.padded)
     est = estimate(shape, setup)
     if scale != 1.0:  # a calibration run measured activations differently from the formulas
         for key in ("activations", "backward working set"):
@@ -283,7 +285,8 @@ def fixed_from_config(cfg, explicit: set[str]) -> Fixed:
     return Fixed(technique=pick("technique"), rank=pick("rank"), bits=pick("bits"), micro_batch=pick("micro_batch"),
                  grad_accum=pick("grad_accum"), gradient_checkpointing=pick("gradient_checkpointing"),
                  optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets,
-                 offload=getattr(cfg, "offload_checkpoints", False), mlp_tiles=getattr(cfg, "mlp_tiles", 1))
+                 offload=getattr(cfg, "offload_checkpoints", False), mlp_tiles=getattr(cfg, "mlp_tiles", 1),
+                 padded=True if getattr(cfg, "pack", False) else None)
 
 
 def apply(plan: Plan, cfg, pinned: set[str]) -> None:
@@ -306,7 +309,8 @@ def estimate_for(shape: ModelShape, cfg, device: str, seq_len: int | None = None
     return estimate(shape, Setup(technique=cfg.technique, rank=cfg.rank, bits=cfg.bits, micro_batch=cfg.micro_batch,
                                  seq_len=seq_len or cfg.seq_len, gradient_checkpointing=cfg.gradient_checkpointing,
                                  optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets, device=device,
-                                 offload=cfg.offload_checkpoints and cfg.gradient_checkpointing, mlp_tiles=cfg.mlp_tiles))
+                                 offload=cfg.offload_checkpoints and cfg.gradient_checkpointing, mlp_tiles=cfg.mlp_tiles,
+                                 padded=True if cfg.pack else None))
 
 
 def dynamic_bytes(est: Estimate) -> int:

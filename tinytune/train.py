@@ -69,7 +69,8 @@ def forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) -
     """Summed token loss of one micro-batch and its number of predicted tokens."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast_for(device, dtype):
-        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                     position_ids=batch.get("position_ids")).last_hidden_state
         softcap = getattr(model.config, "final_logit_softcapping", None)
         return causal_lm_loss_sum(model.get_output_embeddings(), hidden, batch["labels"], softcap=softcap)
 
@@ -236,7 +237,7 @@ def accumulate(model, planned: list[list[data.Example]], split: int, pad_id: int
             loss = loss_sum / max(1, n_predicted)
             scaler.scale(loss).backward()
             loss_total += float(loss.detach())
-            n_tokens += int(batch["attention_mask"].sum())
+            n_tokens += sum(len(e.input_ids) for e in mb[i : i + size])
     return loss_total, n_tokens
 
 
@@ -319,10 +320,15 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     if ckpt is not None and ckpt.state["trainer"]["data_sha256"] != digest:
         raise UserError(f"--data {data_path} changed since the run started (its SHA-256 differs); resuming would "
                         "train on other examples: restore the file, or start a new run")
-    if "seq_len" not in pinned:
+    if "seq_len" not in pinned and not cfg.pack:  # packed rows fill the whole length
         cfg.seq_len = max(len(e.input_ids) for e in ds.train + ds.eval)
     say(f"data: {data_path.name} ({ds.format}, {ds.n_records} records) → {len(ds.train)} train / {len(ds.eval)} eval examples; "
         f"{ds.n_truncated} truncated to {cfg.seq_len} tokens, {ds.n_dropped} dropped (nothing left to learn)")
+    if cfg.pack:
+        n_examples = len(ds.train)
+        ds.train = data.pack(ds.train, cfg.seq_len, cfg.seed)
+        fill = sum(len(e.input_ids) for e in ds.train) / (len(ds.train) * cfg.seq_len)
+        say(f"packed {n_examples} train examples into {len(ds.train)} rows of ≤{cfg.seq_len} tokens ({100 * fill:.0f}% full)")
     plan = None
     if budget is not None and ckpt is None:
         plan = planner.make_plan(shape, budget, cfg.seq_len, planner.fixed_from_config(cfg, pinned))
