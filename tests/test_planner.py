@@ -186,3 +186,10 @@ def test_long_context_turns_on_offloading_and_mlp_tiles_when_nothing_else_fits()
     assert cfg.offload_checkpoints and cfg.mlp_tiles == 8
     with pytest.raises(UserError, match="nothing fits"):  # pinned off: no offloading behind the user's back
         planner.make_plan(shape, budget, 16384, planner.Fixed(gradient_checkpointing=False))
+
+
+def test_profiles_lists_gpus_and_models(capsys):
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "rtx4070" in out and "NVIDIA GeForce RTX 4070 12GB" in out and "h100-80gb" in out
+    assert "llama-3.1-8b" in out and "8.03B" in out

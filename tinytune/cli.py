@@ -4,6 +4,7 @@
     tinytune plan [--model M] --vram 12GB      show the plan (and runners-up) for a memory budget
     tinytune export RUN_DIR --out DIR          merge into the base and write an HF model directory
     tinytune monitor RUN_DIR                   the terminal UI on a run started elsewhere
+    tinytune profiles                          the GPU profiles and model presets the planner knows
 """
 
 from __future__ import annotations
@@ -247,8 +248,26 @@ def cmd_monitor(args) -> int:
     return 0
 
 
+def _profiles_parser(sub) -> argparse.ArgumentParser:
+    return sub.add_parser("profiles", help="list the GPU profiles (--gpu) and model presets (plan --model)")
+
+
+def cmd_profiles(args) -> int:
+    from tinytune import presets
+
+    print(f"{'GPU (--gpu)':<12} {'name':<34} {'VRAM GiB':>8} {'bf16':>5} {'GB/s':>6} {'bf16 TFLOP/s':>13}")
+    for key in presets.gpu_names():
+        g = presets.gpu(key)
+        print(f"{key:<12} {g.name:<34} {g.vram_bytes / 2**30:>8g} {'yes' if g.bf16 else 'no':>5} {g.bandwidth_gbs:>6g} {g.bf16_tflops:>13g}")
+    print(f"\n{'model (plan --model)':<22} {'params':>8} {'layers':>7} {'hidden':>7} {'context':>8}")
+    for key in presets.model_names():
+        shape = presets.model_shape(key)
+        print(f"{key:<22} {shape.n_params / 1e9:>7.2f}B {shape.layers:>7} {shape.hidden:>7} {shape.max_context or 0:>8}")
+    return 0
+
+
 COMMANDS = {"train": (_train_parser, cmd_train), "plan": (_plan_parser, cmd_plan), "export": (_export_parser, cmd_export),
-            "monitor": (_monitor_parser, cmd_monitor)}
+            "monitor": (_monitor_parser, cmd_monitor), "profiles": (_profiles_parser, cmd_profiles)}
 
 
 def build_parser() -> argparse.ArgumentParser:
