@@ -57,8 +57,6 @@ def parse_vram(text: str) -> int:
     return value
 
 
-
-
 @dataclass(frozen=True)
 class SaveEvery:
     """When to write a periodic checkpoint: every ``steps`` optimizer steps or every ``seconds``."""
@@ -70,11 +68,6 @@ class SaveEvery:
         if self.steps:
             return step % self.steps == 0
         return bool(self.seconds) and since_last_s >= self.seconds
-
-    def __str__(self) -> str:
-        if self.steps:
-            return f"every {self.steps} steps"
-        return f"every {self.seconds:g}s" if self.seconds else "never"
 
 
 def parse_save_every(text: str) -> SaveEvery:
@@ -151,9 +144,9 @@ class TrainConfig:
     offload_checkpoints: bool = False
     """Keep each layer's checkpointed input in (pinned) host memory until backward needs it."""
     mlp_tiles: int = 1
+    """Run each MLP over the sequence in this many checkpointed tiles (long sequences)."""
     pack: bool = False
     """Pack short train examples into rows of seq_len tokens (no attention across examples)."""
-    """Run each MLP over the sequence in this many checkpointed tiles (long sequences)."""
     eval_fraction: float = 0.05
     eval_every: int = 0
     """Steps between evaluations; 0 = four times per run."""

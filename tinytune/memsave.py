@@ -21,9 +21,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    return list(model.get_decoder().layers)
+from tinytune.loading import decoder_layers
 
 
 def enable_checkpointing(model, reentrant: bool = False) -> None:

@@ -6,7 +6,9 @@ import sys
 import time
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -44,7 +46,7 @@ class ProgressBar:
         )
         line = (
             f"step {step}/{self.total} [{bar}] loss {_loss(record['loss'])} | {record['tokens_per_s']:.0f} tok/s | "
-            f"{mem} | {_duration(elapsed)} elapsed, ETA {_duration(eta)}"
+            f"{mem} | {duration(elapsed)} elapsed, ETA {duration(eta)}"
         )
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)

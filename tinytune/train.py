@@ -409,8 +409,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         bar.message(f"{'paused' if paused else 'resumed'} after step {step}")
 
     def save_checkpoint(step: int) -> Path:
-        trainer = {"total_steps": total_steps, "data_sha256": digest, "n_train": len(ds.train),
-                   "micro_batches_done": step * cfg.grad_accum, "loop": dataclasses.asdict(loop)}
+        trainer = {"total_steps": total_steps, "data_sha256": digest, "loop": dataclasses.asdict(loop)}
         path = checkpoint.save(out, step, model, optimizer, schedule, scaler, device, trainer, cfg.keep_checkpoints)
         event = {"step": step, "event": "checkpoint", "path": str(path.relative_to(out))}
         publish(event)

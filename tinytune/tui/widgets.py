@@ -8,21 +8,13 @@ from rich.table import Table
 from rich.text import Text
 from textual.widget import Widget
 
+from tinytune.progress import duration
 from tinytune.tui.view import RunView
 
 BAR_WIDTH = 28
 BRAILLE_BASE = 0x2800
 # dot bit for (column 0/1, row 0..3) inside one braille cell
 BRAILLE_BITS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def bar(value: float, scale: float, marker: float | None = None, width: int = BAR_WIDTH, style: str = "green") -> Text:
