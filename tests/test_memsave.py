@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinytune import adapters, loading, memsave, train
+from tinytune import adapters, fast, loading, memsave, train
 from tinytune.config import TrainConfig
 
 IDS = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -35,6 +35,10 @@ SETUPS = {
     "tiled MLP": lambda m: (memsave.enable_checkpointing(m), memsave.tile_mlp(m, 3)),
     "offloaded + tiled": lambda m: (memsave.offload_checkpoints(m), memsave.tile_mlp(m, 4)),
     "tiled MLP without checkpointing": lambda m: memsave.tile_mlp(m, 3),
+    # the compiler's graph capture and autograd split, without code generation (CPU, fast)
+    "compiled layers": lambda m: (memsave.enable_checkpointing(m), fast.compile_layers(m, backend="aot_eager")),
+    "compiled + offloaded + tiled": lambda m: (memsave.offload_checkpoints(m), memsave.tile_mlp(m, 3),
+                                               fast.compile_layers(m, backend="aot_eager")),
 }
 
 
@@ -47,6 +51,18 @@ def test_same_gradients_as_plain(tiny_model_dir, bits, name):
     for key in plain:
         assert plain[key].abs().sum() > 0, key
         torch.testing.assert_close(other[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_compiled_parts_are_captured_without_graph_breaks(tiny_model_dir):
+    """Checkpointing, offloading and tiles stay outside the compiled code: nothing breaks a graph."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch._dynamo.reset()
+    lora_grads(tiny_model_dir, 4, SETUPS["compiled + offloaded + tiled"])
+    assert counters["stats"]["unique_graphs"] >= 3 and counters["frames"]["ok"] == counters["frames"]["total"]
+    assert not counters["graph_break"], list(counters["graph_break"])
+    torch._dynamo.reset()
 
 
 def test_offload_keeps_only_host_copies_of_layer_inputs(tiny_model_dir):

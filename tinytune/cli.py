@@ -76,6 +76,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train-on-prompt", action="store_true", help="also compute the loss on prompt tokens")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--no-sample", dest="sample", action="store_false", help="skip the before/after generation sample")
+    p.add_argument("--compile", default=d.compile, help="compile the decoder layers (faster steps after a first "
+                   "slow one): auto (on for CUDA with Triton), on or off (default auto)")
     p.add_argument("--pack", action="store_true", help="pack short examples into rows of --seq-len tokens "
                    "(no attention across examples)")
     p.add_argument("--save-every", default=d.save_every,
@@ -159,7 +161,7 @@ def cmd_train(args) -> int:
         optim=args.optim, eval_fraction=args.eval_fraction,
         eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, device=args.device, sample=args.sample,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        offload_checkpoints=args.offload_checkpoints, mlp_tiles=args.mlp_tiles, pack=args.pack,
+        offload_checkpoints=args.offload_checkpoints, mlp_tiles=args.mlp_tiles, pack=args.pack, compile=args.compile,
         **_pinned(args),
     )
     _train(cfg, args)

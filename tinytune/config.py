@@ -145,6 +145,8 @@ class TrainConfig:
     """Keep each layer's checkpointed input in (pinned) host memory until backward needs it."""
     mlp_tiles: int = 1
     """Run each MLP over the sequence in this many checkpointed tiles (long sequences)."""
+    compile: str = "auto"
+    """Compile the decoder layers with torch.compile: on, off, or auto (on for CUDA with Triton)."""
     pack: bool = False
     """Pack short train examples into rows of seq_len tokens (no attention across examples)."""
     eval_fraction: float = 0.05
@@ -176,6 +178,8 @@ class TrainConfig:
             raise UserError(f"--bits {self.bits} is not supported: choose 4, 8 or 16")
         if self.optim not in OPTIMIZERS:
             raise UserError(f"--optim {self.optim!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
+        if self.compile not in ("auto", "on", "off"):
+            raise UserError(f"--compile {self.compile!r} is unknown: choose auto, on or off")
         if self.device not in DEVICES:
             raise UserError(f"--device {self.device!r} is unknown: choose auto, cpu or cuda")
         for name in ("rank", "seq_len", "micro_batch", "grad_accum"):

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from tinytune import adapters, checkpoint, data, loading, memsave, planner, rundir
+from tinytune import adapters, checkpoint, data, fast, loading, memsave, planner, rundir
 from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, GIB, TrainConfig, parse_save_every
 from tinytune.errors import UserError
 from tinytune.export import PEFT_TECHNIQUES, save_peft_adapter
@@ -348,11 +348,13 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     layers = adapters.apply(model, cfg, total_steps)
     params = adapters.trainable(model)
     n_trainable = sum(p.numel() for p in params)
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and fast.can_compile(device))
     if plan is not None and device.type == "cuda":
         plan = calibrate(model, shape, plan, cfg, pinned, device, dtype, say)
     if ckpt is None:
         record = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
         record.update(planner.predicted(shape, cfg, device.type, plan))
+        record["compiled_layers"] = compiled
         if budget is not None:
             record["budget_gib"] = round(budget.bytes / GIB, 3)
         if cfg.technique == "delta-lora":
@@ -402,6 +404,8 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     if loop.gradient_checkpointing:
         memsave.offload_checkpoints(model) if cfg.offload_checkpoints else enable_checkpointing(model)
     memsave.tile_mlp(model, cfg.mlp_tiles)
+    if compiled:
+        fast.compile_layers(model)
 
     def pause_event(step: int, paused: bool) -> None:
         event = {"step": step, "event": "paused" if paused else "unpaused"}
