@@ -37,8 +37,13 @@ def tiny_llama_config(**overrides):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """The embedded default model's real tokenizer (chat template included), saved as an HF dir."""
+    """The embedded default model's real tokenizer (chat template included), saved as an HF dir.
+
+    TINYTUNE_TEST_TOKENIZER names such a saved copy, for a machine without the default model."""
     from tinytune import loading
+
+    if os.environ.get("TINYTUNE_TEST_TOKENIZER"):
+        return Path(os.environ["TINYTUNE_TEST_TOKENIZER"])
 
     tok = loading.load_tokenizer(loading.resolve_source(None))
     path = tmp_path_factory.mktemp("tokenizer")

@@ -20,6 +20,7 @@ import argparse
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,9 +42,15 @@ GRID = [
     ("llama-3.1-8b", 4, "vera", 256, 1, 2048, True),
     ("llama-3.1-8b", 4, "lora", 16, 2, 2048, True),
 ]
+SWITCHES = [  # the memory switches: model, technique, rank, seq_len, offloaded checkpoints, MLP tiles
+    ("llama-3.1-8b", "lora", 16, 8192, True, 4),
+    ("llama-3.1-8b", "lora", 16, 16384, True, 8),
+    ("llama-3.2-1b", "lora", 16, 16384, True, 8),
+]
 PLANS = [  # model, budget GiB, seq_len
     ("llama-3.1-8b", 12, 2048), ("llama-3.1-8b", 12, 8192), ("llama-3.1-8b", 16, 4096),
     ("llama-3.2-1b", 12, 8192), ("llama-3.2-1b", 8, 2048), ("llama-3.2-3b", 12, 4096),
+    ("llama-3.1-8b", 12, 16384),
 ]
 
 
@@ -69,7 +76,8 @@ def run_one(spec: dict) -> dict:
     shape = ModelShape.from_config(cfg_dict, name)
     padded = spec["micro_batch"] > 1
     setup = Setup(technique=spec["technique"], rank=spec["rank"], bits=spec["bits"], micro_batch=spec["micro_batch"],
-                  seq_len=spec["seq_len"], gradient_checkpointing=spec["ckpt"], device=device.type, padded=padded)
+                  seq_len=spec["seq_len"], gradient_checkpointing=spec["ckpt"], device=device.type, padded=padded,
+                  offload=spec.get("offload", False), mlp_tiles=spec.get("mlp_tiles", 1))
     est = estimate(shape, setup)
     out = {**spec, "predicted_gib": round(est.allocator_peak / GIB, 3), "needed_gib": round(est.needed / GIB, 3)}
     if device.type == "cuda":
@@ -82,8 +90,11 @@ def run_one(spec: dict) -> dict:
     try:
         model = loading.build_random(config, tc.bits, device, dtype)
         adapters.apply(model, tc, 100)
-        if tc.gradient_checkpointing:
+        if spec.get("offload"):
+            memsave.offload_checkpoints(model)
+        elif tc.gradient_checkpointing:
             memsave.enable_checkpointing(model)
+        memsave.tile_mlp(model, spec.get("mlp_tiles", 1))
         model.train()
         optimizer = train.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
         ids = torch.randint(0, shape.vocab, (tc.micro_batch, tc.seq_len))
@@ -122,7 +133,35 @@ def plan_spec(model: str, budget_gib: int, seq_len: int, smoke: bool) -> dict:
         return {"model": model, "budget_gib": budget_gib, "seq_len": seq_len, "refused": str(e)}
     s = p.chosen.setup
     return {"model": model, "bits": s.bits, "technique": s.technique, "rank": s.rank, "micro_batch": s.micro_batch,
-            "seq_len": seq_len, "ckpt": s.gradient_checkpointing, "budget_gib": budget_gib, "smoke": smoke}
+            "seq_len": seq_len, "ckpt": s.gradient_checkpointing, "offload": s.offload, "mlp_tiles": s.mlp_tiles,
+            "budget_gib": budget_gib, "smoke": smoke}
+
+
+def run_spec(spec: dict) -> dict:
+    if "refused" in spec:
+        return spec
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {**spec, "crash": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+
+
+def print_row(res: dict) -> None:
+    if "refused" in res:
+        print(f"{'plan':5} {res['model']:13} refused at {res['budget_gib']} GiB, {res['seq_len']} tokens: {res['refused']}")
+        return
+    measured = res.get("measured_gib")
+    outcome = "CRASH " + res["crash"] if "crash" in res else "OOM" if res.get("oom") else "ok"
+    print(f"{res['part']:5} {res['model']:13} {res['bits']:>4} {res['technique']:9} {res['rank']:>4} "
+          f"{str(res['micro_batch']) + '×' + str(res['seq_len']):>9} {ckpt_label(res):>9} "
+          f"{str(res.get('budget_gib') or '—'):>6} {res.get('predicted_gib', 0):>9.2f} "
+          f"{(f'{measured:.2f}' if measured is not None else '—'):>9} "
+          f"{(str(res['error_pct']) + '%') if 'error_pct' in res else '—':>7}  {outcome}", flush=True)
+
+
+def ckpt_label(spec: dict) -> str:
+    if not spec["ckpt"]:
+        return "no"
+    return "yes" + ("+off" if spec.get("offload") else "") + (f"+t{spec['mlp_tiles']}" if spec.get("mlp_tiles", 1) > 1 else "")
 
 
 def main() -> int:
@@ -132,6 +171,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code path, measures nothing")
     ap.add_argument("--json", help="also write every result as a JSON line to this file")
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side (each measures its own peak; default 1)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
@@ -144,6 +184,10 @@ def main() -> int:
         specs.append({"part": "grid", "model": model, "bits": bits, "technique": technique, "rank": rank,
                       "micro_batch": mb, "seq_len": seq if not args.smoke else 64, "ckpt": ckpt, "steps": args.steps,
                       "smoke": args.smoke})
+    for model, technique, rank, seq, offload, tiles in SWITCHES if not args.only else []:
+        specs.append({"part": "grid", "model": model, "bits": 4, "technique": technique, "rank": rank, "micro_batch": 1,
+                      "seq_len": seq if not args.smoke else 64, "ckpt": True, "offload": offload,
+                      "mlp_tiles": tiles if not args.smoke else 2, "steps": args.steps, "smoke": args.smoke})
     if not args.only:
         for model, budget, seq in PLANS:
             spec = plan_spec(model, budget, seq, args.smoke)
@@ -153,24 +197,12 @@ def main() -> int:
             specs.append(spec)
 
     results = []
-    print(f"{'part':5} {'model':13} {'bits':>4} {'technique':9} {'r':>4} {'mb×seq':>9} {'ckpt':>4} {'budget':>6} "
+    print(f"{'part':5} {'model':13} {'bits':>4} {'technique':9} {'r':>4} {'mb×seq':>9} {'ckpt':>9} {'budget':>6} "
           f"{'predicted':>9} {'measured':>9} {'error':>7}  result")
-    for spec in specs:
-        if "refused" in spec:
-            res = spec
-            print(f"{'plan':5} {spec['model']:13} refused at {spec['budget_gib']} GiB, {spec['seq_len']} tokens: {spec['refused']}")
-        else:
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            res = json.loads(lines[-1]) if lines else {**spec, "crash": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-            measured = res.get("measured_gib")
-            outcome = "CRASH " + res["crash"] if "crash" in res else "OOM" if res.get("oom") else "ok"
-            print(f"{res['part']:5} {res['model']:13} {res['bits']:>4} {res['technique']:9} {res['rank']:>4} "
-                  f"{str(res['micro_batch']) + '×' + str(res['seq_len']):>9} {'yes' if res['ckpt'] else 'no':>4} "
-                  f"{str(res.get('budget_gib') or '—'):>6} {res.get('predicted_gib', 0):>9.2f} "
-                  f"{(f'{measured:.2f}' if measured is not None else '—'):>9} "
-                  f"{(str(res['error_pct']) + '%') if 'error_pct' in res else '—':>7}  {outcome}", flush=True)
-        results.append(res)
+    with ThreadPoolExecutor(args.jobs) as pool:  # memory only: runs may share the GPU
+        for res in pool.map(run_spec, specs):
+            print_row(res)
+            results.append(res)
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in results))
     errors = [abs(r["error_pct"]) for r in results if "error_pct" in r]

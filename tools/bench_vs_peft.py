@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,12 +30,13 @@ TINY = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
 
 
-def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float):
+def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_layers: int = 0,
+          compile_layers: bool = True):
     """(model, optimizer, step function) for one stack; the step returns the number of tokens."""
     import torch
     from transformers import AutoConfig
 
-    from tinytune import adapters, loading, memsave, planner, presets, train
+    from tinytune import adapters, fast, loading, memsave, planner, presets, train
     from tinytune.config import GIB, TrainConfig
 
     device = torch.device("cpu" if smoke else "cuda")
@@ -52,6 +54,7 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float):
         net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=True)
         net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
+        net.train()  # what Trainer does; checkpointing only acts in training mode
         optimizer = train.make_optimizer("paged-adamw-8bit", [{"params": [p for p in net.parameters() if p.requires_grad]}],
                                          2e-4, 0.0)
 
@@ -75,6 +78,10 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float):
         adapters.apply(net, cfg, 100)
         memsave.offload_checkpoints(net) if cfg.offload_checkpoints else memsave.enable_checkpointing(net)
         memsave.tile_mlp(net, cfg.mlp_tiles)
+        for layer in list(loading.decoder_layers(net))[:plain_layers]:  # experiment: these layers keep activations
+            layer.gradient_checkpointing = False
+        if compile_layers and fast.can_compile(device):  # as the trainer does by default
+            fast.compile_layers(net)
         net.train()
         optimizer = train.make_optimizer("paged-adamw-8bit", adapters.param_groups(net, cfg), 2e-4, 0.0)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -101,11 +108,22 @@ def run_one(spec: dict) -> dict:
         torch.cuda.set_per_process_memory_fraction((spec["cap"] * GIB - CUDA_CONTEXT_BYTES) / total)
     out = dict(spec)
     try:
-        _, step = build(spec["stack"], spec["model"], spec["seq"], smoke, spec.get("cap") or 80.0)
-        step()  # warm-up (allocator, autotuning)
+        _, step = build(spec["stack"], spec["model"], spec["seq"], smoke, spec.get("cap") or 80.0,
+                        spec.get("plain_layers", 0), spec.get("compile", True))
+        if spec.get("warmup", True):
+            step()  # warm-up (allocator, autotuning)
+            if spec["stack"] == "tinytune" and spec.get("compile", True):
+                step()  # a second shape-specialized graph may follow the first
         if not smoke:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        if spec.get("profile"):
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), file=sys.stderr)
         t0 = time.perf_counter()
         tokens = sum(step() for _ in range(spec.get("steps", 3)))
         if not smoke:
@@ -118,25 +136,79 @@ def run_one(spec: dict) -> dict:
     return out
 
 
+def spec_of(stack: str) -> dict:
+    """'peft', 'tinytune', and experiments: 'tinytune+nocompile', 'tinytune+plain8' (8 layers not checkpointed)."""
+    name, *parts = stack.split("+")
+    spec = {"stack": name, "label": stack}
+    for part in parts:
+        if part == "nocompile":
+            spec["compile"] = False
+        elif part.startswith("plain") and part[5:].isdigit():
+            spec["plain_layers"] = int(part[5:])
+        else:
+            raise SystemExit(f"unknown stack variant {part!r} in {stack!r}")
+    return spec
+
+
 def in_process(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    if spec.get("profile"):
+        print(proc.stderr[-20000:], file=sys.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {**spec, "crash": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(lines[-1])
 
 
-def max_context(stack: str, model: str, cap: float, smoke: bool, limit: int) -> int:
-    """The longest context (multiple of 512) that runs one step under the cap."""
-    def fits(seq: int) -> bool:
-        r = in_process({"stack": stack, "model": model, "seq": seq, "cap": cap, "steps": 1, "smoke": smoke})
-        return not r.get("oom") and "crash" not in r
+def predicted_context(model: str, cap: float, limit: int) -> int:
+    """The longest context (multiple of 1,024) the planner says fits under ``cap`` with LoRA r16 on 4 bits."""
+    from tinytune import planner, presets
+    from tinytune.config import GIB
+    from tinytune.errors import UserError
 
-    lo, hi = 0, 512
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 512)
-    while hi - lo > 512:
+    shape = presets.model_shape(model)
+    budget = planner.Budget(int(cap * GIB), "cuda", f"{cap:g} GiB cap")
+    fixed = planner.Fixed(technique="lora", rank=16, bits=4, micro_batch=1, grad_accum=1)
+    lo, hi = 1024, limit
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        try:
+            planner.make_plan(shape, budget, mid, fixed)
+            lo = mid
+        except UserError:
+            hi = mid
+    return lo
+
+
+def max_context(spec: dict, cap: float, start: int, limit: int) -> int:
+    """The longest context that runs one step under the cap, to within 1/8 (at least 512 tokens).
+
+    Steps up (or down) by a quarter from ``start``, then bisects; every try is a fresh process.
+    """
+    def fits(seq: int) -> bool:
+        r = in_process({**spec, "seq": seq, "cap": cap, "steps": 1, "warmup": False})
+        ok = not r.get("oom") and "crash" not in r
+        print(f"  {spec['label']} {seq} tokens under {cap:g} GiB: {'fits' if ok else r.get('crash', 'OOM')}",
+              file=sys.stderr, flush=True)
+        return ok
+
+    lo, hi = 0, start
+    if fits(start):
+        while True:
+            lo, hi = hi, min(max(hi + 512, hi * 5 // 4 // 512 * 512), limit)
+            if lo >= limit or not fits(hi):
+                break
+        if lo >= limit:
+            return lo
+    else:
+        while hi > 512:
+            lo = hi * 4 // 5 // 512 * 512 or hi // 2
+            if fits(lo):
+                break
+            hi, lo = lo, 0
+        else:
+            return 0
+    while hi - lo > max(512, lo // 8):
         mid = (lo + hi) // 2 // 512 * 512
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
@@ -145,11 +217,19 @@ def max_context(stack: str, model: str, cap: float, smoke: bool, limit: int) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--models", default="llama-3.1-8b,llama-3.2-1b", help="model presets, comma-separated")
+    ap.add_argument("--stacks", default="peft,tinytune",
+                    help="comma-separated; experiments: tinytune+nocompile, tinytune+plainN (N layers not checkpointed)")
     ap.add_argument("--cap", type=float, default=12.0, help="GiB for the max-context search (default 12)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max-context-limit", type=int, default=65536)
+    ap.add_argument("--no-context", action="store_true", help="skip the max-context search")
+    ap.add_argument("--no-speed", action="store_true", help="skip the timed runs (only the max-context search)")
+    ap.add_argument("--context-jobs", type=int, default=1,
+                    help="max-context searches run side by side (they measure memory only; default 1)")
+    ap.add_argument("--profile", action="store_true", help="print a kernel profile of one step per stack")
+    ap.add_argument("--json", help="also write the rows as JSON lines to this file")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code path, measures nothing")
     args = ap.parse_args()
     if args.one:
@@ -157,26 +237,49 @@ def main() -> int:
         return 0
     seq = 64 if args.smoke else args.seq
     limit = 1024 if args.smoke else args.max_context_limit
-    rows = []
-    for stack in ("peft", "tinytune"):
-        r = in_process({"stack": stack, "model": args.model, "seq": seq, "steps": 1 if args.smoke else args.steps,
-                        "smoke": args.smoke})
-        r["max_context"] = max_context(stack, args.model, args.cap, args.smoke, limit)
-        rows.append(r)
-        print(json.dumps(r), file=sys.stderr, flush=True)
-    print(f"\n{args.model}, LoRA r16 all-linear, NF4, batch 1, {seq} tokens" + (" (smoke: CPU, tiny shape)" if args.smoke else ""))
-    print(f"{'stack':10} {'peak GiB':>9} {'tokens/s':>10} {'max context @ ' + str(args.cap) + ' GiB':>22}")
+    rows = [{**spec_of(stack), "model": model, "smoke": args.smoke}
+            for model in args.models.split(",") for stack in args.stacks.split(",")]
+    for i, spec in enumerate(rows):  # one at a time: these are the timed runs
+        if not args.no_speed:
+            r = in_process({**spec, "seq": seq, "steps": 1 if args.smoke else args.steps,
+                            "profile": args.profile and not args.smoke})
+            r.pop("profile", None)
+            rows[i] = r
+            print(json.dumps(r), file=sys.stderr, flush=True)
+
+    def search(spec: dict) -> int:
+        start = seq if spec["stack"] == "peft" or args.smoke else predicted_context(spec["model"], args.cap, limit)
+        return max_context(spec, args.cap, start, limit)
+
+    if not args.no_context:  # memory only, so the searches may share the GPU
+        with ThreadPoolExecutor(args.context_jobs) as pool:
+            for r, found in zip(rows, pool.map(search, [{k: r[k] for k in ("stack", "label", "model", "smoke", "compile",
+                                                                         "plain_layers") if k in r} for r in rows])):
+                r["max_context"] = found
+    for model in args.models.split(","):
+        print_table(model, seq, args.cap, [r for r in rows if r["model"] == model], args.smoke)
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0
+
+
+def print_table(model: str, seq: int, cap: float, rows: list[dict], smoke: bool) -> None:
+    print(f"\n{model}, LoRA r16 all-linear, NF4, batch 1, {seq} tokens" + (" (smoke: CPU, tiny shape)" if smoke else ""))
+    print(f"{'stack':20} {'peak GiB':>9} {'tokens/s':>10} {'max context @ ' + format(cap, 'g') + ' GiB':>20}")
     for r in rows:
         status = f"CRASH {r['crash']}" if "crash" in r else "OOM" if r.get("oom") else ""
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "—"
         tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "—"
-        print(f"{r['stack']:10} {peak:>9} {tps:>10} {r['max_context']:>22} {status}")
-    if all("tokens_per_s" in r for r in rows) and not args.smoke:
-        peft, ours = rows
-        print(f"\ntinytune/recipe: peak {ours.get('peak_gib', 0) / max(1e-9, peft.get('peak_gib', 1)):.2f}×, "
-              f"speed {ours['tokens_per_s'] / peft['tokens_per_s']:.2f}×, "
-              f"context {ours['max_context'] / max(1, peft['max_context']):.1f}×")
-    return 0
+        print(f"{r['label']:20} {peak:>9} {tps:>10} {r.get('max_context', '—'):>20} {status}")
+    base = rows[0]
+    if smoke or "tokens_per_s" not in base:
+        return
+    for r in rows[1:]:
+        if "tokens_per_s" in r:
+            ctx = f", context {r['max_context'] / max(1, base['max_context']):.1f}×" if "max_context" in r else ""
+            print(f"{r['label']}/{base['label']}: peak {r.get('peak_gib', 0) / max(1e-9, base.get('peak_gib', 1)):.2f}×, "
+                  f"speed {r['tokens_per_s'] / base['tokens_per_s']:.2f}×{ctx}")
+    print(flush=True)
 
 
 if __name__ == "__main__":

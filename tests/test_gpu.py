@@ -1,0 +1,94 @@
+"""The CUDA paths: bf16 autocast, pinned offload, bitsandbytes' CUDA kernels, the allocator figures.
+
+Skipped without a CUDA GPU (CI has none); the CPU suite covers the same code on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from tinytune import adapters, export, loading, memsave, train
+from tinytune.config import TrainConfig
+from tinytune.loss import causal_lm_loss_sum
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA = torch.device("cuda")
+
+
+def test_chunked_loss_equals_full_loss_in_bf16():
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    head = torch.nn.Linear(256, 32000, bias=False, device=CUDA, dtype=torch.bfloat16)
+    hidden = torch.randn(2, 1500, 256, device=CUDA, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 32000, (2, 1500), device=CUDA, generator=gen)
+    labels[1, 1000:] = -100
+    results = []
+    for chunk in (0, 512):
+        hidden.grad = head.weight.grad = None
+        loss, n = causal_lm_loss_sum(head.requires_grad_(True), hidden, labels, chunk=chunk)
+        (loss / n).backward()
+        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    (full, g_full, w_full), (chunked, g_chunked, w_chunked) = results
+    torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(g_chunked.float(), g_full.float(), rtol=2e-2, atol=1e-6)
+    torch.testing.assert_close(w_chunked.float(), w_full.float(), rtol=2e-2, atol=1e-5)
+
+
+def lora_grads(tiny_model_dir, setup) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 4, CUDA)
+    adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=4))
+    with torch.no_grad():
+        for p in adapters.trainable(model):
+            p.normal_(0, 0.02, generator=torch.Generator(device=p.device).manual_seed(p.numel()))
+    setup(model)
+    model.train()
+    ids = torch.randint(3, 2000, (2, 96), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss_sum, n = train.forward_loss(model, batch, CUDA, torch.bfloat16)
+    (loss_sum / n).backward()
+    return {name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_pinned_offload_and_tiles_give_the_gradients_of_plain_checkpointing(tiny_model_dir):
+    plain = lora_grads(tiny_model_dir, memsave.enable_checkpointing)
+    other = lora_grads(tiny_model_dir, lambda m: (memsave.offload_checkpoints(m), memsave.tile_mlp(m, 3)))
+    assert plain.keys() == other.keys()
+    for key in plain:
+        assert plain[key].abs().sum() > 0, key
+        torch.testing.assert_close(other[key], plain[key], rtol=2e-2, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("technique,bits", [("lora", 4), ("lora-fa", 4), ("vera", 8), ("delta-lora", 16), ("full", 16)])
+def test_a_cuda_run_trains_reports_allocator_memory_and_exports(tiny_model_dir, demo_file, tmp_path, technique, bits):
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), out=str(tmp_path / "run"), technique=technique,
+                      bits=bits, rank=8, alpha=16, seq_len=128, micro_batch=4, grad_accum=2, lr=3e-3, max_steps=6,
+                      eval_fraction=0.15, sample=False, seed=0, device="cuda")
+    run_dir = train.run(cfg, stream=open("/dev/null", "w"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 6 and all(r["mem_peak_gib"] >= r["mem_allocated_gib"] > 0 for r in steps)
+    assert all(r["mem_reserved_gib"] >= r["mem_allocated_gib"] for r in steps)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evals[-1] < evals[0], evals
+    if technique != "full":
+        merged = export.export(run_dir, tmp_path / "merged")
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(merged).dtype == torch.float16
+
+
+def test_a_planned_cuda_run_calibrates_and_stays_under_its_budget(tiny_model_dir, demo_file, tmp_path):
+    from tinytune.config import GIB
+
+    log = io.StringIO()
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), out=str(tmp_path / "run"), vram=2 * GIB,
+                      max_steps=4, eval_fraction=0.15, sample=False, seed=0, device="cuda")
+    run_dir = train.run(cfg, stream=log)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert "calibration:" in log.getvalue(), log.getvalue()
+    peaks = [json.loads(line).get("mem_peak_gib") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(p for p in peaks if p is not None) <= plan["budget_gib"]
