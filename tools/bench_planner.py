@@ -171,6 +171,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code path, measures nothing")
     ap.add_argument("--json", help="also write every result as a JSON line to this file")
+    ap.add_argument("--parts", default="grid,switches,plan", help="which parts to run (default all three)")
+    ap.add_argument("--bits", type=int, help="only grid rows at these bits")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (each measures its own peak; default 1)")
     args = ap.parse_args()
     if args.one:
@@ -179,16 +181,16 @@ def main() -> int:
 
     specs = []
     for i, (model, bits, technique, rank, mb, seq, ckpt) in enumerate(GRID, 1):
-        if args.only and i != args.only:
+        if (args.only and i != args.only) or "grid" not in args.parts or (args.bits and bits != args.bits):
             continue
         specs.append({"part": "grid", "model": model, "bits": bits, "technique": technique, "rank": rank,
                       "micro_batch": mb, "seq_len": seq if not args.smoke else 64, "ckpt": ckpt, "steps": args.steps,
                       "smoke": args.smoke})
-    for model, technique, rank, seq, offload, tiles in SWITCHES if not args.only else []:
+    for model, technique, rank, seq, offload, tiles in SWITCHES if not args.only and "switches" in args.parts else []:
         specs.append({"part": "grid", "model": model, "bits": 4, "technique": technique, "rank": rank, "micro_batch": 1,
                       "seq_len": seq if not args.smoke else 64, "ckpt": True, "offload": offload,
                       "mlp_tiles": tiles if not args.smoke else 2, "steps": args.steps, "smoke": args.smoke})
-    if not args.only:
+    if not args.only and "plan" in args.parts:
         for model, budget, seq in PLANS:
             spec = plan_spec(model, budget, seq, args.smoke)
             spec.update(part="plan", steps=args.steps)

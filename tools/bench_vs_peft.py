@@ -226,6 +226,8 @@ def main() -> int:
     ap.add_argument("--max-context-limit", type=int, default=65536)
     ap.add_argument("--no-context", action="store_true", help="skip the max-context search")
     ap.add_argument("--no-speed", action="store_true", help="skip the timed runs (only the max-context search)")
+    ap.add_argument("--context-start", type=int, help="first length the max-context search tries "
+                    "(default: --seq for the recipe, the planner's prediction for tinytune)")
     ap.add_argument("--context-jobs", type=int, default=1,
                     help="max-context searches run side by side (they measure memory only; default 1)")
     ap.add_argument("--profile", action="store_true", help="print a kernel profile of one step per stack")
@@ -248,6 +250,8 @@ def main() -> int:
             print(json.dumps(r), file=sys.stderr, flush=True)
 
     def search(spec: dict) -> int:
+        if args.context_start:
+            return max_context(spec, args.cap, args.context_start, limit)
         start = seq if spec["stack"] == "peft" or args.smoke else predicted_context(spec["model"], args.cap, limit)
         return max_context(spec, args.cap, start, limit)
 
