@@ -119,6 +119,7 @@ def bad_inputs(tmp_path, tiny_model_dir, demo_file, finished_run):
         "offload without checkpoints": (["--offload-checkpoints", "--no-gradient-checkpointing"],
                                         "--offload-checkpoints moves gradient checkpoints"),
         "zero mlp tiles": (["--mlp-tiles", "0"], "--mlp-tiles 0 must be a positive"),
+        "unknown compile": (["--model", m, "--data", d, "--compile", "maybe"], "--compile 'maybe' is unknown"),
         "export of nothing": (["export", str(tmp_path), "--out", str(tmp_path / "x")], "not a tinytune run directory"),
         "export of a corrupt adapter": (["export", str(corrupt_adapter), "--out", str(tmp_path / "x")],
                                         "not a readable safetensors file"),
@@ -139,7 +140,8 @@ CASES = ["missing model", "non-causal model", "unsupported architecture", "corru
          "zero vram", "vram below the CUDA context", "unknown gpu", "unknown model preset",
          "seq-len beyond the context", "occupied out", "unwritable out", "rank 0", "rank too big",
          "unknown technique", "bad bits", "not a number", "unknown flag", "full at 4 bits", "vera rank too big",
-         "negative lr", "dropout 1", "bad save-every", "keep no checkpoints", "offload without checkpoints", "zero mlp tiles", "export of nothing",
+         "negative lr", "dropout 1", "bad save-every", "keep no checkpoints", "offload without checkpoints", "zero mlp tiles", "unknown compile",
+         "export of nothing",
          "export of a corrupt adapter", "export of a future run format", "export with a bad dtype",
          "resume of nothing", "resume of a future run format", "resume of a finished run",
          "resume before any checkpoint", "resume with other settings"]
