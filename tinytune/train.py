@@ -217,6 +217,10 @@ class LoopState:
     gradient_checkpointing: bool = True
     nonfinite_in_row: int = 0
 
+    def piece(self, micro_batch: int) -> int:
+        """Examples per piece of a planned micro-batch under the current split."""
+        return max(1, math.ceil(micro_batch / self.split))
+
 
 def predicted_tokens(examples: list[data.Example]) -> int:
     """Tokens the loss counts in these examples: labels past the first that are not ignored."""
@@ -250,9 +254,9 @@ def free_memory(device: torch.device) -> None:
 def after_oom(loop: LoopState, model, micro_batch: int, step: int) -> dict:
     """Re-plan after an out-of-memory error: halve the micro-batch (twice the accumulation, same
     examples per step); at one example, turn on gradient checkpointing; past that, give up."""
-    if math.ceil(micro_batch / loop.split) > 1:
+    if loop.piece(micro_batch) > 1:
         loop.split *= 2
-        action = f"micro-batch {math.ceil(micro_batch / loop.split)} × {loop.split} pieces per planned micro-batch"
+        action = f"micro-batch {loop.piece(micro_batch)} × {loop.split} pieces per planned micro-batch"
     elif not loop.gradient_checkpointing:
         loop.gradient_checkpointing = True
         enable_checkpointing(model)
@@ -294,7 +298,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     stop = stop or StopFlag()
     ckpt = None
     if resume is not None:
-        cfg, record, ckpt = open_resume(resume, overrides or {}, say)
+        cfg, plan_record, ckpt = open_resume(resume, overrides or {}, say)
         cfg.out = str(resume)
 
     # 1. Check every input before anything is written.
@@ -352,13 +356,13 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     if plan is not None and device.type == "cuda":
         plan = calibrate(model, shape, plan, cfg, pinned, device, dtype, say)
     if ckpt is None:
-        record = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
-        record.update(planner.predicted(shape, cfg, device.type, plan))
-        record["compiled_layers"] = compiled
+        plan_record = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
+        plan_record.update(planner.predicted(shape, cfg, device.type, plan))
+        plan_record["compiled_layers"] = compiled
         if budget is not None:
-            record["budget_gib"] = round(budget.bytes / GIB, 3)
+            plan_record["budget_gib"] = round(budget.bytes / GIB, 3)
         if cfg.technique == "delta-lora":
-            record["delta_start"] = adapters.delta_start(cfg, total_steps)
+            plan_record["delta_start"] = adapters.delta_start(cfg, total_steps)
     say(f"model: {source.name} ({source.kind}) at {cfg.bits}-bit on {probe.describe(device)}, loaded in "
         f"{time.perf_counter() - t0:.1f}s; "
         f"{'full fine-tuning' if cfg.technique == 'full' else f'{cfg.technique} r={cfg.rank} on {len(layers)} layers'}, "
@@ -367,15 +371,16 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     if ckpt is None:
         rundir.create(out, cfg.overwrite)
         cfg.save(out / "config.json")
-        rundir.write_json(out / "plan.json", record)
-    emit({"event": "plan", "run_dir": str(out), "plan": record})
+        rundir.write_json(out / "plan.json", plan_record)
+    emit({"event": "plan", "run_dir": str(out), "plan": plan_record})
 
     model.train()
     optimizer = make_optimizer(cfg.optim, adapters.param_groups(model, cfg), cfg.lr, cfg.weight_decay)
     schedule = make_schedule(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
     eval_every = cfg.eval_every or max(1, total_steps // 4)
-    loop = LoopState(gradient_checkpointing=cfg.gradient_checkpointing)
+    # a resumed run goes on with its own loop state (OOM split, checkpointing, step)
+    loop = LoopState(**ckpt.state["trainer"]["loop"]) if ckpt else LoopState(gradient_checkpointing=cfg.gradient_checkpointing)
 
     bar = ProgressBar(total_steps, stream=stream, start=loop.step, quiet=not show_progress)
 
@@ -395,7 +400,6 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
             publish(record)
             bar.message(f"eval loss before training: {eval_loss:.4f}")
     else:
-        loop = LoopState(**ckpt.state["trainer"]["loop"])
         dropped = rundir.truncate_metrics(out / "metrics.jsonl", ckpt.step)
         metrics = rundir.MetricsWriter(out / "metrics.jsonl")
         record = {"step": ckpt.step, "event": "resumed", "checkpoint": ckpt.path.name, "records_dropped": dropped}
@@ -486,7 +490,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
             publish(record)
             bar.update(record)
             if step % eval_every == 0 or step == total_steps:
-                eval_loss = evaluate(model, ds.eval, max(1, math.ceil(cfg.micro_batch / loop.split)), tok.pad_token_id, device, dtype)
+                eval_loss = evaluate(model, ds.eval, loop.piece(cfg.micro_batch), tok.pad_token_id, device, dtype)
                 if eval_loss is not None:
                     record = {"step": step, "eval_loss": round(eval_loss, 6)}
                     publish(record)
