@@ -256,27 +256,20 @@ def pack(examples: list[Example], seq_len: int, seed: int) -> list[Example]:
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch to its longest example. Packed rows carry position ids instead of an
     attention mask (padding then reads as one more example, and its labels are ignored)."""
-    if batch[0].position_ids is not None:
-        width = max(len(e.input_ids) for e in batch)
-        out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
-               "labels": torch.full((len(batch), width), IGNORE, dtype=torch.long),
-               "position_ids": torch.zeros((len(batch), width), dtype=torch.long)}
-        for row, e in enumerate(batch):
-            n = len(e.input_ids)
-            out["input_ids"][row, :n] = torch.tensor(e.input_ids)
-            out["labels"][row, :n] = torch.tensor(e.labels)
-            out["position_ids"][row] = torch.tensor(e.position_ids + list(range(width - n)))
-        return out
+    packed = batch[0].position_ids is not None
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    extra = torch.zeros((len(batch), width), dtype=torch.long)  # position ids, or the attention mask
     for row, e in enumerate(batch):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            extra[row] = torch.tensor(e.position_ids + list(range(width - n)))
+        else:
+            extra[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "position_ids" if packed else "attention_mask": extra}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
