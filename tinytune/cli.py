@@ -16,6 +16,7 @@ import sys
 from tinytune import __version__
 from tinytune.config import TrainConfig, parse_vram
 from tinytune.errors import UserError
+from tinytune.planner import DEFAULT_SEQ_CAP, PLANNED  # PLANNED: chosen from the budget unless pinned
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,9 +24,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-from tinytune.planner import PLANNED  # choices planned from the memory budget unless the user pins them
 
 
 def _plan_choices(p: argparse.ArgumentParser) -> None:
@@ -204,7 +202,7 @@ def cmd_plan(args) -> int:
     budget = planner.resolve_budget(parse_vram(args.vram) if args.vram is not None else None, args.gpu, "cuda", args.vram)
     if budget is None:
         raise UserError("no CUDA GPU here to measure: pass --vram 12GB or --gpu rtx3060 to plan for a card")
-    seq_len = args.seq_len or min(2048, shape.max_context or 2048)
+    seq_len = args.seq_len or min(DEFAULT_SEQ_CAP, shape.max_context or DEFAULT_SEQ_CAP)
     plan = planner.make_plan(shape, budget, seq_len, planner.fixed_from_config(cfg, set(pinned["fixed"])))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else planner.render(plan))
     return 0
