@@ -160,6 +160,9 @@ def test_checkpointing_and_techniques_order_memory_as_expected():
     vera = E.estimate(shape, E.with_(base, technique="vera", rank=256))
     assert vera.trainable_params < lora.trainable_params / 10
     assert E.estimate(shape, E.with_(base, bits=16)).peak > E.estimate(shape, E.with_(base, bits=8)).peak > lora.peak
-    # NF4 8B: 6.98B decoder linear params ≈ 3.35 GiB, + 1.96 GiB of bf16 embeddings and head.
+    # NF4 8B: 6.98B decoder linear params ≈ 3.35 GiB, + 0.98 GiB of bf16 head (the input table is in
+    # host memory; on the CPU both count).
     assert 3.3 < lora.components["base weights"] / E.GIB < 3.4
-    assert 1.8 < lora.components["embeddings, norms, head"] / E.GIB < 2.1
+    assert 0.95 < lora.components["embeddings, norms, head"] / E.GIB < 1.0
+    on_cpu = E.estimate(shape, E.with_(base, device="cpu")).components["embeddings, norms, head"]
+    assert 3.6 < on_cpu / E.GIB < 4.2  # fp32, both tables

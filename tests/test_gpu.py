@@ -74,6 +74,8 @@ def test_a_cuda_run_trains_reports_allocator_memory_and_exports(tiny_model_dir, 
     assert all(r["mem_reserved_gib"] >= r["mem_allocated_gib"] for r in steps)
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert evals[-1] < evals[0], evals
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["embeddings_on_host"] == (technique != "full")  # the tiny model's table is untied
     if technique != "full":
         merged = export.export(run_dir, tmp_path / "merged")
         from transformers import AutoModelForCausalLM

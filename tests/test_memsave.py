@@ -228,3 +228,32 @@ def test_checkpointed_int8_layers_keep_no_input_copies(tiny_model_dir):
         assert alive == (n_int8 if name == "bitsandbytes" else 0), (name, alive, n_int8)
     for key, g in grads["bitsandbytes"].items():  # bitsandbytes computes this gradient in fp16
         torch.testing.assert_close(grads["frozen int8"][key], g, rtol=2e-2, atol=2e-5, msg=key)
+
+
+def test_host_embedding_gives_the_same_losses_and_gradients(tiny_model_dir):
+    """The table moves out of the parameters; lookups, logits and adapter gradients stay the same.
+    (On CUDA the rows travel to the GPU; tests/test_gpu.py runs that.)"""
+    plain = lora_grads(tiny_model_dir, 16, lambda m: None)
+
+    def host(model):
+        emb = model.get_input_embeddings()
+        model.set_input_embeddings(memsave.HostEmbedding(emb, torch.device("cpu")))
+        assert not any(p is emb.weight for p in model.parameters())
+
+    moved = lora_grads(tiny_model_dir, 16, host)
+    for key in plain:
+        torch.testing.assert_close(moved[key], plain[key], rtol=1e-6, atol=0, msg=key)
+
+
+def test_host_embeddings_apply_only_to_untied_frozen_tables_on_cuda():
+    from tinytune.memory.estimate import Setup, estimate
+    from tinytune.presets import model_shape
+
+    assert memsave.host_embeddings_apply(tied=False, technique="lora", device_type="cuda")
+    assert not memsave.host_embeddings_apply(tied=True, technique="lora", device_type="cuda")
+    assert not memsave.host_embeddings_apply(tied=False, technique="full", device_type="cuda")
+    assert not memsave.host_embeddings_apply(tied=False, technique="lora", device_type="cpu")
+    shape = model_shape("llama-3.1-8b")
+    on_gpu = estimate(shape, Setup(device="cuda")).components["embeddings, norms, head"]
+    full = estimate(shape, Setup(device="cuda", technique="full", bits=16)).components["embeddings, norms, head"]
+    assert full - on_gpu == shape.vocab * shape.hidden * 2  # the 1 GiB bf16 input table

@@ -1,4 +1,9 @@
-"""Two memory switches for long sequences, each exact (the same gradients, recomputed or moved):
+"""Memory switches, each exact (the same gradients, recomputed or moved):
+
+- **Embeddings in host memory.** A frozen, untied input embedding is only looked up: its table
+  (1 GiB for Llama-3.1-8B's 128,256 × 4,096 in bf16) stays in host memory and only the looked-up
+  rows (tokens × hidden) travel to the GPU. ``embeddings_on_host`` swaps in a module that holds the
+  table as a plain attribute, so the model's parameters (and ``model.device``) stay on the GPU.
 
 - **Offloaded checkpoints.** With gradient checkpointing a step keeps one tensor per decoder layer,
   its input (tokens × hidden). ``offload_checkpoints`` moves those to (pinned) host memory until
@@ -22,6 +27,32 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tinytune.loading import decoder_layers
+from tinytune.memory.estimate import host_embeddings_apply
+
+
+class HostEmbedding(torch.nn.Module):
+    """A frozen embedding table in host memory; lookups run there, the rows go to ``device``."""
+
+    def __init__(self, embedding: torch.nn.Embedding, device: torch.device) -> None:
+        super().__init__()
+        self.table = embedding.weight.detach().to("cpu")  # not a parameter: nothing trains it
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = self.table.shape
+        self.device = device
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(input_ids.to("cpu"), self.table, self.padding_idx)
+        return rows.to(self.device, non_blocking=False)
+
+
+def embeddings_on_host(model, technique: str) -> bool:
+    """Move the input embedding table to host memory where ``host_embeddings_apply``; True if moved."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    if not isinstance(emb, torch.nn.Embedding) or not host_embeddings_apply(tied, technique, emb.weight.device.type):
+        return False
+    model.set_input_embeddings(HostEmbedding(emb, emb.weight.device))
+    return True
 
 
 def enable_checkpointing(model, reentrant: bool = False) -> None:

@@ -349,6 +349,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     model = loading.load_model(source, cfg.bits, device)
     per_epoch = data.micro_batches_per_epoch(len(ds.train), cfg.micro_batch)
     total_steps = ckpt.state["trainer"]["total_steps"] if ckpt else planned_steps(cfg, per_epoch, device, say)
+    host_embeddings = memsave.embeddings_on_host(model, cfg.technique)
     layers = adapters.apply(model, cfg, total_steps)
     params = adapters.trainable(model)
     n_trainable = sum(p.numel() for p in params)
@@ -359,6 +360,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         plan_record = planner.describe(cfg, model_config, device, dtype, n_trainable, total_steps, source)
         plan_record.update(planner.predicted(shape, cfg, device.type, plan))
         plan_record["compiled_layers"] = compiled
+        plan_record["embeddings_on_host"] = host_embeddings
         if budget is not None:
             plan_record["budget_gib"] = round(budget.bytes / GIB, 3)
         if cfg.technique == "delta-lora":

@@ -89,6 +89,7 @@ def run_one(spec: dict) -> dict:
     dtype = loading.compute_dtype(device)
     try:
         model = loading.build_random(config, tc.bits, device, dtype)
+        memsave.embeddings_on_host(model, tc.technique)
         adapters.apply(model, tc, 100)
         if spec.get("offload"):
             memsave.offload_checkpoints(model)

@@ -75,6 +75,7 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
                 planner.apply(planner.make_plan(shape, budget, seq, fixed), cfg, set(planner.PLANNED))
             except Exception:  # noqa: BLE001 - nothing fits by the estimate: try it anyway, as planned for the cap
                 cfg.offload_checkpoints, cfg.mlp_tiles = True, max(1, seq // planner.OFFLOAD_TILE_TOKENS)
+        memsave.embeddings_on_host(net, cfg.technique)
         adapters.apply(net, cfg, 100)
         memsave.offload_checkpoints(net) if cfg.offload_checkpoints else memsave.enable_checkpointing(net)
         memsave.tile_mlp(net, cfg.mlp_tiles)

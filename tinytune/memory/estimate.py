@@ -189,8 +189,22 @@ def base_weight_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def unquantized_bytes(shape: ModelShape, setup: Setup) -> int:
-    """Embeddings, head, norms (and q/k/v biases), kept in the compute dtype."""
-    return (shape.n_params - shape.layers * shape.linear_params_per_layer) * setup.act_bytes
+    """Embeddings, head, norms (and q/k/v biases), kept in the compute dtype; an untied, frozen input
+    embedding lives in host memory on CUDA (memsave.embeddings_on_host)."""
+    n = shape.n_params - shape.layers * shape.linear_params_per_layer
+    if host_embeddings(shape, setup):
+        n -= shape.vocab * shape.hidden
+    return n * setup.act_bytes
+
+
+def host_embeddings_apply(tied: bool, technique: str, device_type: str) -> bool:
+    """Whether the input table moves to host memory: on CUDA, untied from the head (which needs the
+    weight on the GPU), frozen (not full fine-tuning)."""
+    return device_type == "cuda" and not tied and technique != "full"
+
+
+def host_embeddings(shape: ModelShape, setup: Setup) -> bool:
+    return host_embeddings_apply(shape.tied, setup.technique, setup.device)
 
 
 def adapter_params(shape: ModelShape, setup: Setup) -> tuple[int, int, int]:
@@ -339,7 +353,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     c["base weights"] = base_weight_bytes(shape, setup)
     notes["base weights"] = f"{shape.layers * shape.linear_params_per_layer / 1e9:.2f}B decoder linear params, {bits_note}"
     c["embeddings, norms, head"] = unquantized_bytes(shape, setup)
-    notes["embeddings, norms, head"] = f"{'tied' if shape.tied else 'untied'} {shape.vocab:,}-token vocab, unquantized"
+    notes["embeddings, norms, head"] = (f"{'tied' if shape.tied else 'untied'} {shape.vocab:,}-token vocab, unquantized"
+                                        + ("; input table in host memory" if host_embeddings(shape, setup) else ""))
     if setup.technique != "full":
         c["adapter weights"] = stored * 4 + adapter_cast_bytes(shape, setup, trainable, stored)
         notes["adapter weights"] = f"{trainable:,} trainable, fp32" + (" + bf16 autocast copies" if setup.act_bytes == 2 else "")
