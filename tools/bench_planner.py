@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchkit import TINY, cap_cuda_memory, run_in_fresh_process  # noqa: E402
 
 GRID = [
     # model, bits, technique, rank, micro_batch, seq_len, gradient checkpointing
@@ -62,14 +62,13 @@ def run_one(spec: dict) -> dict:
     from tinytune import adapters, loading, memsave, presets, train
     from tinytune.config import GIB, TrainConfig
     from tinytune.errors import UserError
-    from tinytune.memory.estimate import CUDA_CONTEXT_BYTES, ModelShape, Setup, estimate
+    from tinytune.memory.estimate import ModelShape, Setup, estimate
 
     smoke = spec.get("smoke", False)
     device = torch.device("cpu" if smoke else "cuda")
     name, cfg_dict = presets.model_config(spec["model"])
     if smoke:
-        cfg_dict = {**cfg_dict, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+        cfg_dict = {**cfg_dict, **TINY}
         # the tiny shape has 16-wide heads: clamp ranks so that every technique still applies
         spec = {**spec, "rank": min(spec["rank"], 64 if spec["technique"] == "vera" else 8)}
     config = AutoConfig.for_model(**cfg_dict)
@@ -80,10 +79,8 @@ def run_one(spec: dict) -> dict:
                   offload=spec.get("offload", False), mlp_tiles=spec.get("mlp_tiles", 1))
     est = estimate(shape, setup)
     out = {**spec, "predicted_gib": round(est.allocator_peak / GIB, 3), "needed_gib": round(est.needed / GIB, 3)}
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        if spec.get("budget_gib"):
-            torch.cuda.set_per_process_memory_fraction((spec["budget_gib"] * GIB - CUDA_CONTEXT_BYTES) / total)
+    if device.type == "cuda" and spec.get("budget_gib"):
+        cap_cuda_memory(spec["budget_gib"])
     tc = TrainConfig(technique=spec["technique"], rank=spec["rank"], alpha=2 * spec["rank"], bits=spec["bits"],
                      micro_batch=spec["micro_batch"], seq_len=spec["seq_len"], gradient_checkpointing=spec["ckpt"])
     dtype = loading.compute_dtype(device)
@@ -141,9 +138,7 @@ def plan_spec(model: str, budget_gib: int, seq_len: int, smoke: bool) -> dict:
 def run_spec(spec: dict) -> dict:
     if "refused" in spec:
         return spec
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1]) if lines else {**spec, "crash": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return run_in_fresh_process(__file__, spec)
 
 
 def print_row(res: dict) -> None:

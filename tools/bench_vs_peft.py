@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchkit import TINY, cap_cuda_memory, run_in_fresh_process  # noqa: E402
 
-TINY = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
 
 
 def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_layers: int = 0,
@@ -101,12 +99,10 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from tinytune.config import GIB
-    from tinytune.memory.estimate import CUDA_CONTEXT_BYTES
 
     smoke = spec.get("smoke", False)
     if not smoke and spec.get("cap"):
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction((spec["cap"] * GIB - CUDA_CONTEXT_BYTES) / total)
+        cap_cuda_memory(spec["cap"])
     out = dict(spec)
     try:
         _, step = build(spec["stack"], spec["model"], spec["seq"], smoke, spec.get("cap") or 80.0,
@@ -152,13 +148,7 @@ def spec_of(stack: str) -> dict:
 
 
 def in_process(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-    if spec.get("profile"):
-        print(proc.stderr[-20000:], file=sys.stderr)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        return {**spec, "crash": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(lines[-1])
+    return run_in_fresh_process(__file__, spec, echo_stderr=spec.get("profile", False))
 
 
 def predicted_context(model: str, cap: float, limit: int) -> int:

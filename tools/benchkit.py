@@ -1,0 +1,35 @@
+"""What the GPU benchmarks share: one configuration per fresh process, a CUDA memory cap, a tiny
+shape for CPU smoke runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# --smoke: the model preset shrunk to this, so the code path runs on a CPU in seconds
+TINY = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+
+
+def run_in_fresh_process(script: str, spec: dict, echo_stderr: bool = False) -> dict:
+    """Run ``script --one SPEC`` in a new process (no allocator state or OOM carries over) and return
+    the JSON line it prints last, or ``spec`` with ``crash`` set to the last line of its stderr."""
+    proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True)
+    if echo_stderr:
+        print(proc.stderr[-20000:], file=sys.stderr)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {**spec, "crash": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(lines[-1])
+
+
+def cap_cuda_memory(gib: float) -> None:
+    """Let this process's allocator use ``gib`` GiB less the CUDA context (which lies outside it)."""
+    import torch
+
+    from tinytune.config import GIB
+    from tinytune.memory.estimate import CUDA_CONTEXT_BYTES
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((gib * GIB - CUDA_CONTEXT_BYTES) / total)
