@@ -211,17 +211,22 @@ def load_model(source: ModelSource, bits: int, device: torch.device, dtype: torc
     model.requires_grad_(False)
     if bits in (4, 8):
         for layer in decoder_layers(model):
-            for name, child in list(layer.named_modules()):
-                if type(child) is nn.Linear:
-                    parent_name, _, attr = name.rpartition(".")
-                    parent = layer.get_submodule(parent_name) if parent_name else layer
-                    setattr(parent, attr, quant.quantize_linear(child, bits, device, dtype))
+            replace_linears(layer, lambda linear: quant.quantize_linear(linear, bits, device, dtype))
             layer.to(device)
     model.to(device)
     model.config.use_cache = False
     model.eval()
     model.tinytune_bits = bits
     return model
+
+
+def replace_linears(layer: nn.Module, convert) -> None:
+    """Swap every plain ``nn.Linear`` inside ``layer`` for ``convert(linear)``, one at a time."""
+    for name, child in list(layer.named_modules()):
+        if type(child) is nn.Linear:
+            parent_name, _, attr = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            setattr(parent, attr, convert(child))
 
 
 def _first_line(e: BaseException) -> str:
@@ -251,16 +256,15 @@ def build_random(config, bits: int, device: torch.device, dtype: torch.dtype | N
     def random(shape) -> torch.Tensor:
         return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=gen)
 
+    def materialize(meta: nn.Linear) -> nn.Module:
+        real = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
+        real.weight = nn.Parameter(random((meta.out_features, meta.in_features)), requires_grad=False)
+        if meta.bias is not None:
+            real.bias = nn.Parameter(torch.zeros(meta.out_features, device=device, dtype=dtype), requires_grad=False)
+        return quant.quantize_linear(real, bits, device, dtype) if bits in (4, 8) else real
+
     for layer in decoder_layers(model):
-        for name, child in list(layer.named_modules()):
-            if type(child) is nn.Linear:
-                real = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                real.weight = nn.Parameter(random((child.out_features, child.in_features)), requires_grad=False)
-                if child.bias is not None:
-                    real.bias = nn.Parameter(torch.zeros(child.out_features, device=device, dtype=dtype), requires_grad=False)
-                parent_name, _, attr = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, attr, quant.quantize_linear(real, bits, device, dtype) if bits in (4, 8) else real)
+        replace_linears(layer, materialize)
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
