@@ -227,14 +227,15 @@ def predicted_tokens(examples: list[data.Example]) -> int:
     return sum(sum(1 for label in e.labels[1:] if label != data.IGNORE) for e in examples)
 
 
-def accumulate(model, planned: list[list[data.Example]], split: int, pad_id: int, scaler, device, dtype) -> tuple[float, int]:
-    """Forward and backward one optimizer step's examples, each planned micro-batch in ``split``
+def accumulate(model, planned: list[list[data.Example]], loop: LoopState, pad_id: int, scaler, device,
+               dtype) -> tuple[float, int]:
+    """Forward and backward one optimizer step's examples, each planned micro-batch in ``loop.split``
     pieces; the loss is the mean over every predicted token of the step whatever the split, so a
     split step computes the same gradient. Returns (loss, tokens)."""
     n_predicted = sum(predicted_tokens(mb) for mb in planned)
     loss_total, n_tokens = 0.0, 0
     for mb in planned:
-        size = max(1, math.ceil(len(mb) / split))
+        size = loop.piece(len(mb))
         for i in range(0, len(mb), size):
             batch = data.collate(mb[i : i + size], pad_id)
             loss_sum, _ = forward_loss(model, batch, device, dtype)
@@ -441,7 +442,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
             planned = [next(stream_of_batches) for _ in range(cfg.grad_accum)]
             while True:
                 try:
-                    loss_total, n_tokens = accumulate(model, planned, loop.split, tok.pad_token_id, scaler, device, dtype)
+                    loss_total, n_tokens = accumulate(model, planned, loop, tok.pad_token_id, scaler, device, dtype)
                     break
                 except torch.OutOfMemoryError:
                     pass  # handled outside the except block, so the failed step's tensors can be freed
