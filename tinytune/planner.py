@@ -285,8 +285,7 @@ def fixed_from_config(cfg, explicit: set[str]) -> Fixed:
     return Fixed(technique=pick("technique"), rank=pick("rank"), bits=pick("bits"), micro_batch=pick("micro_batch"),
                  grad_accum=pick("grad_accum"), gradient_checkpointing=pick("gradient_checkpointing"),
                  optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets,
-                 offload=getattr(cfg, "offload_checkpoints", False), mlp_tiles=getattr(cfg, "mlp_tiles", 1),
-                 padded=True if getattr(cfg, "pack", False) else None)
+                 offload=cfg.offload_checkpoints, mlp_tiles=cfg.mlp_tiles, padded=True if cfg.pack else None)
 
 
 def apply(plan: Plan, cfg, pinned: set[str]) -> None:
