@@ -14,6 +14,8 @@ the same; parameters are graph inputs).
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from tinytune.loading import decoder_layers
@@ -21,13 +23,7 @@ from tinytune.loading import decoder_layers
 
 def can_compile(device: torch.device) -> bool:
     """On CUDA with Triton present: where compiled layers pay off and build without a C++ toolchain."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401 - present or not is the question
-    except ImportError:
-        return False
-    return True
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def compile_layers(model, backend: str = "inductor") -> None:
