@@ -288,22 +288,27 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
 def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     """(kept for the whole step, one layer's set rebuilt during its backward)."""
     d, n = setup.act_bytes, setup.tokens
+    layer_input = d * shape.hidden * n
     per_layer = layer_saved_bytes_per_token(shape, setup) * n
     final = (4 * shape.hidden + 4 + d * shape.hidden) * n  # final norm + the head's input
     if setup.mlp_tiles > 1:  # the MLP keeps its input per tile; one tile's intermediates exist at a time
         mlp = 3 * d * shape.intermediate * n
-        per_layer += d * shape.hidden * n - mlp + mlp / setup.mlp_tiles
+        per_layer += layer_input - mlp + mlp / setup.mlp_tiles
     if setup.gradient_checkpointing:
-        inputs = shape.layers * d * shape.hidden * n
         if setup.offload:  # in host memory; the one layer in backward brings its input back
-            return int(final), int(per_layer + d * shape.hidden * n)
-        return int(inputs + final), int(per_layer)
+            return int(final), int(per_layer + layer_input)
+        return int(checkpoint_inputs_bytes(shape, setup) + final), int(per_layer)
     return int(shape.layers * per_layer + final), 0
+
+
+def checkpoint_inputs_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Every decoder layer's input, which gradient checkpointing keeps (on the GPU, or offloaded)."""
+    return shape.layers * setup.act_bytes * shape.hidden * setup.tokens
 
 
 def host_offload_bytes(shape: ModelShape, setup: Setup) -> int:
     """Pinned host memory for offloaded checkpoints: every layer's input."""
-    return shape.layers * setup.act_bytes * shape.hidden * setup.tokens if setup.offload else 0
+    return checkpoint_inputs_bytes(shape, setup) if setup.offload else 0
 
 
 def adapter_cast_bytes(shape: ModelShape, setup: Setup, trainable: int, stored: int) -> int:
