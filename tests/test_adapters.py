@@ -77,3 +77,40 @@ def test_adapter_init_depends_only_on_the_seed(tiny_model_dir):
     adapters.apply(b, TrainConfig(seed=5))
     sa, sb = adapters.state(a), adapters.state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_dropout_branch_draws_the_same_mask_in_backward(compiled, dtype):
+    """The fused branch equals s·(x·mask/(1-p))·Aᵀ·Bᵀ with the mask its seed gives, forward and
+    gradients, and keeps x, x·Aᵀ and the seed — no mask, no dropped copy."""
+    from tinytune.adapters import branch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 48, 64, generator=gen).to(dtype).requires_grad_()
+    a = (torch.randn(8, 64, generator=gen) / 8).to(dtype).requires_grad_()
+    b = torch.randn(32, 8, generator=gen).to(dtype).requires_grad_()
+    f = lambda x, a, b: branch.lora_branch(x, a, b, 2.0, 0.3)  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f, backend="aot_eager", fullgraph=True)
+    kept: list[torch.Tensor] = []
+    state = torch.get_rng_state()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = f(x, a, b)
+    torch.set_rng_state(state)  # the seed is the next draw of the default CPU generator
+    keep = branch._keep(x.detach(), 0.3, torch.randint(0, 2**62, (), dtype=torch.int64))
+    assert 0.6 < keep.float().mean() < 0.8
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    out.backward(grad)
+    ref_in = [t.detach().float().requires_grad_() for t in (x, a, b)]
+    ref = ((ref_in[0] * keep.float() / 0.7) @ ref_in[1].t() @ ref_in[2].t()) * 2.0
+    ref.backward(grad.float())
+    rel = 1e-5 if dtype == torch.float32 else 1e-2  # of the largest value: bf16 rounds in another order
+    for got, want in [(out, ref)] + [(t.grad, r.grad) for t, r in zip((x, a, b), ref_in)]:
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=rel * want.abs().max().item())
+    if not compiled:
+        wide = [t for t in kept if t.dim() == 3 and t.shape[-1] == 64]
+        assert len(wide) == 1 and wide[0] is x
+    if compiled:
+        torch._dynamo.reset()

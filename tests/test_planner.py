@@ -40,7 +40,7 @@ def test_rule_prefers_precision_then_rank_then_throughput():
 
 
 def test_lora_fa_when_activations_are_the_bottleneck():
-    p = plan("llama-3.1-8b", 11, seq_len=8192)
+    p = plan("llama-3.1-8b", 8, seq_len=12288)
     assert p.chosen.setup.technique == "lora-fa" and p.chosen.fits
     lora = next(c for c in p.runners_up if c.setup.technique == "lora" and c.setup.bits == 4)
     assert not lora.fits and "over" in lora.reason

@@ -31,6 +31,12 @@ def matched(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return weight.to(x.dtype)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products with ``x`` run in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class AdapterLayer(nn.Module):
     """Base class of one adapted linear layer; ``base`` stays frozen."""
 

@@ -14,7 +14,8 @@ import math
 import torch
 from torch import nn
 
-from tinytune.adapters.base import AdapterLayer, matched
+from tinytune.adapters.base import AdapterLayer, compute_dtype, matched
+from tinytune.adapters.branch import lora_branch
 
 
 class LoRALinear(AdapterLayer):
@@ -30,7 +31,12 @@ class LoRALinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) → (..., d_out)."""
         result = self.base(x)
-        branch = self.dropout(x) @ matched(self.lora_A, x).t() @ matched(self.lora_B, x).t()
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        if p > 0:  # one operation that draws the mask again in backward instead of keeping it
+            dtype = compute_dtype(x)
+            branch = lora_branch(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling, p)
+            return result + branch.to(result.dtype)
+        branch = x @ matched(self.lora_A, x).t() @ matched(self.lora_B, x).t()
         return result + (branch * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -14,9 +14,10 @@ Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32)
   head and SDPA keeps the mask as an additive bias (s values per token);
 - the MLP keeps gate, silu(gate) and up (3 × d·i);
 - a linear layer whose input a trainable matrix multiplies (LoRA's A, a full weight) keeps its
-  input (once per distinct input), or with dropout its dropped copy plus the mask; every LoRA branch
-  keeps x·A (d·r); VeRA keeps x·A (d·r) and the branch output before λ_b (d·out); LoRA-FA, whose A
-  is frozen, keeps neither x nor a copy.
+  input (once per distinct input; LoRA's dropout draws its mask again in backward, so it keeps no
+  more), VeRA with dropout its dropped copy plus the mask; every LoRA branch keeps x·A (d·r); VeRA
+  keeps x·A (d·r) and the branch output before λ_b (d·out); LoRA-FA, whose A is frozen, keeps
+  neither x nor a copy.
 
 With gradient checkpointing only each layer's input (d·h per token) is kept for the whole model;
 one layer's set above exists again while its backward runs.
@@ -264,7 +265,8 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     total += 3 * d * i  # gate, silu(gate), up
 
     needs_x = full or t in ("lora", "lora-plus", "delta-lora")
-    dropout = setup.dropout > 0 and not full and t != "delta-lora"
+    # LoRA's dropout draws its mask again in backward (adapters.branch): it keeps x, as without dropout
+    dropout = setup.dropout > 0 and t in ("vera", "lora-fa")
     groups = {"q_proj": "in1", "k_proj": "in1", "v_proj": "in1", "o_proj": "attn", "gate_proj": "in2",
               "up_proj": "in2", "down_proj": "act"}
     kept_inputs = set()
