@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from tinytune import checkpoint, train
+from tinytune import checkpoint, loading, train
 from tinytune.cli import main
 from tinytune.config import SaveEvery, TrainConfig, parse_save_every
 from tinytune.errors import UserError
@@ -253,6 +253,34 @@ def test_oom_halves_the_micro_batch_and_trains_the_same_examples(tiny_model_dir,
     for step in ref_losses:
         assert math.isclose(ref_losses[step], oom_losses[step], rel_tol=1e-5)
     assert_same_tensors(tmp_path / "reference" / "adapter.safetensors", out / "adapter.safetensors", atol=1e-5)
+
+
+def test_oom_first_checkpoints_the_plain_layers_and_trains_the_same(tiny_model_dir, demo_file, tmp_path, monkeypatch):
+    """Plain last layers are the first memory given back after an out-of-memory error: same losses,
+    every layer checkpointed from then on, the micro-batch untouched."""
+    train.run(_cfg(tiny_model_dir, demo_file, tmp_path / "reference", plain_layers=1, max_steps=3),
+              stream=open(os.devnull, "w"))
+    real, seen = train.forward_loss, {"failed": False, "flags": []}
+
+    def once(model, batch, device, dtype):
+        layers = list(loading.decoder_layers(model))
+        if torch.is_grad_enabled():
+            seen["flags"].append([layer.gradient_checkpointing for layer in layers])
+        if torch.is_grad_enabled() and len(seen["flags"]) == 3 and not seen["failed"]:  # step 2's first micro-batch
+            seen["failed"] = True
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, batch, device, dtype)
+
+    monkeypatch.setattr(train, "forward_loss", once)
+    out = train.run(_cfg(tiny_model_dir, demo_file, tmp_path / "oom", plain_layers=1, max_steps=3), stream=open(os.devnull, "w"))
+    (event,) = [r for r in metrics(out) if r.get("event") == "oom"]
+    assert (event["step"], event["action"], event["plain_layers"], event["split"]) == (2, "every layer checkpointed", 0, 1)
+    assert seen["flags"][0][-1] is False and all(seen["flags"][0][:-1])  # the last layer plain at first
+    assert all(all(flags) for flags in seen["flags"][3:])  # every layer checkpointed after the error
+    ref_losses, oom_losses = step_losses(tmp_path / "reference"), step_losses(out)
+    assert ref_losses.keys() == oom_losses.keys() == {1, 2, 3}
+    for step in ref_losses:
+        assert math.isclose(ref_losses[step], oom_losses[step], rel_tol=1e-5)
 
 
 def test_oom_at_one_example_with_checkpointing_stops_with_one_line(tiny_model_dir, demo_file, tmp_path, monkeypatch, capsys):

@@ -37,10 +37,10 @@ def test_chunked_loss_equals_full_loss_in_bf16():
     torch.testing.assert_close(w_chunked.float(), w_full.float(), rtol=2e-2, atol=1e-5)
 
 
-def lora_grads(tiny_model_dir, setup) -> dict[str, torch.Tensor]:
+def lora_grads(tiny_model_dir, setup, dropout: float = 0.0) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 4, CUDA)
-    adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=4))
+    adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=dropout, bits=4))
     with torch.no_grad():
         for p in adapters.trainable(model):
             p.normal_(0, 0.02, generator=torch.Generator(device=p.device).manual_seed(p.numel()))
@@ -59,6 +59,16 @@ def test_pinned_offload_and_tiles_give_the_gradients_of_plain_checkpointing(tiny
     assert plain.keys() == other.keys()
     for key in plain:
         assert plain[key].abs().sum() > 0, key
+        torch.testing.assert_close(other[key], plain[key], rtol=2e-2, atol=1e-5, msg=key)
+
+
+def test_dropout_masks_drawn_again_on_cuda_give_the_gradients_of_plain_training(tiny_model_dir):
+    """LoRA's dropout branch under bf16 autocast on CUDA: checkpointed + offloaded (last layer plain)
+    recomputes with the same masks as a run without checkpointing."""
+    plain = lora_grads(tiny_model_dir, lambda m: None, dropout=0.2)
+    other = lora_grads(tiny_model_dir, lambda m: (memsave.offload_checkpoints(m), memsave.plain_last_layers(m, 1)),
+                       dropout=0.2)
+    for key in plain:
         torch.testing.assert_close(other[key], plain[key], rtol=2e-2, atol=1e-5, msg=key)
 
 

@@ -35,6 +35,8 @@ SETUPS = {
     "tiled MLP": lambda m: (memsave.enable_checkpointing(m), memsave.tile_mlp(m, 3)),
     "offloaded + tiled": lambda m: (memsave.offload_checkpoints(m), memsave.tile_mlp(m, 4)),
     "tiled MLP without checkpointing": lambda m: memsave.tile_mlp(m, 3),
+    "checkpointing, last layer plain": lambda m: (memsave.enable_checkpointing(m), memsave.plain_last_layers(m, 1)),
+    "offloaded, last layer plain": lambda m: (memsave.offload_checkpoints(m), memsave.plain_last_layers(m, 1)),
     # the compiler's graph capture and autograd split, without code generation (CPU, fast)
     "compiled layers": lambda m: (memsave.enable_checkpointing(m), fast.compile_layers(m, backend="aot_eager")),
     "compiled + offloaded + tiled": lambda m: (memsave.offload_checkpoints(m), memsave.tile_mlp(m, 3),
@@ -111,6 +113,46 @@ def test_offload_keeps_only_host_copies_of_layer_inputs(tiny_model_dir):
     assert packed.count((2, 48, hidden)) == model.config.num_hidden_layers  # one input per layer
     assert all(shape[-1] != model.config.intermediate_size for shape in packed)
     (loss_sum / n).backward()
+
+
+def test_plain_last_layers_run_once_and_the_others_twice(tiny_model_dir):
+    """With one plain layer, the last decoder layer's forward runs once per step; the checkpointed
+    ones run again in backward. All plain would be the same as no checkpointing."""
+    calls: dict[int, int] = {}
+
+    def count(model):
+        memsave.enable_checkpointing(model)
+        memsave.plain_last_layers(model, 1)
+        for i, layer in enumerate(loading.decoder_layers(model)):
+            layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+
+    lora_grads(tiny_model_dir, 16, count)
+    last = max(calls)
+    assert calls[last] == 1 and all(calls[i] == 2 for i in range(last)), calls
+
+
+def test_the_estimator_knows_plain_layers():
+    """A plain layer keeps its whole saved set instead of its input; the rebuilt layer no longer adds
+    to the peak once the plain layers' sets outweigh it (they are freed before any rebuild)."""
+    from tinytune import presets
+    from tinytune.memory.estimate import Setup, estimate, layer_saved_bytes_per_token
+
+    shape = presets.model_shape("llama-3.1-8b")
+    tokens = 2048
+    per_layer = layer_saved_bytes_per_token(shape, Setup(seq_len=tokens)) * tokens
+    layer_input = 2 * shape.hidden * tokens
+    base = estimate(shape, Setup(seq_len=tokens))
+    for k in (1, 5, 31):
+        est = estimate(shape, Setup(seq_len=tokens, plain_layers=k))
+        grown = est.components["activations"] - base.components["activations"]
+        assert grown == pytest.approx(k * (per_layer - layer_input), abs=2)
+        assert "the last" in est.notes["activations"]
+    assert estimate(shape, Setup(seq_len=tokens, plain_layers=32)).components["activations"] == pytest.approx(
+        estimate(shape, Setup(seq_len=tokens, gradient_checkpointing=False)).components["activations"], abs=2)
+    # offloaded: the one plain layer's set is gone before the first rebuild, which peaks as high;
+    # a second plain layer adds its set less the input a rebuild brings back
+    off = [estimate(shape, Setup(seq_len=tokens, offload=True, plain_layers=k, loss_chunk=64)).peak for k in (0, 1, 2)]
+    assert off[1] == off[0] and off[2] - off[1] == pytest.approx(per_layer - layer_input, abs=2)
 
 
 def test_the_estimator_knows_both_switches():

@@ -39,6 +39,23 @@ def test_rule_prefers_precision_then_rank_then_throughput():
     assert not tiny.chosen.setup.gradient_checkpointing and tiny.chosen.setup.micro_batch == 8
 
 
+def test_memory_left_over_goes_to_plain_last_layers():
+    """Checkpointing costs a second forward per layer: the planner leaves as many last layers plain
+    as still fit, each one more would not, and a pinned number is kept."""
+    fixed = dict(technique="lora", rank=16, bits=4, micro_batch=1)
+    p = plan("llama-3.1-8b", 12, **fixed)
+    k = p.chosen.setup.plain_layers
+    assert p.chosen.setup.gradient_checkpointing and 0 < k < 32 and p.chosen.fits
+    assert "the last" in p.chosen.reason and p.chosen.to_dict()["plain_layers"] == k
+    one_more = plan("llama-3.1-8b", 12, plain_layers=k + 1, **fixed).chosen  # pinned: kept; fits only offloaded
+    assert one_more.setup.plain_layers == k + 1 and one_more.setup.offload and not p.chosen.setup.offload
+    assert plan("llama-3.1-8b", 12, plain_layers=2, **fixed).chosen.setup.plain_layers == 2
+    assert plan("llama-3.1-8b", 14, **fixed).chosen.setup.plain_layers > k
+    fewer = plan("llama-3.1-8b", 12, **fixed, seq_len=4096).chosen.setup
+    assert fewer.plain_layers < k
+    assert plan("llama-3.1-8b", 12, plain_layers=0, **fixed).chosen.setup.plain_layers == 0
+
+
 def test_lora_fa_when_activations_are_the_bottleneck():
     p = plan("llama-3.1-8b", 8, seq_len=12288)
     assert p.chosen.setup.technique == "lora-fa" and p.chosen.fits

@@ -39,6 +39,8 @@ def _plan_choices(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default: planned; "
                    "micro-batch × accumulation = 8)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
+    p.add_argument("--plain-layers", type=int, default=None, help="with gradient checkpointing, run the last N decoder "
+                   "layers without it: faster, they keep their activations (default: planned from the memory left over)")
     p.add_argument("--offload-checkpoints", action="store_true",
                    help="keep each layer's checkpointed input in host memory (long sequences on a small GPU)")
     p.add_argument("--mlp-tiles", type=int, default=1, help="run each MLP over the sequence in N tiles (default 1)")

@@ -145,6 +145,8 @@ class TrainConfig:
     """Keep each layer's checkpointed input in (pinned) host memory until backward needs it."""
     mlp_tiles: int = 1
     """Run each MLP over the sequence in this many checkpointed tiles (long sequences)."""
+    plain_layers: int = 0
+    """With gradient checkpointing, run the last this many decoder layers without it (faster, more memory)."""
     compile: str = "auto"
     """Compile the decoder layers with torch.compile: on, off, or auto (on for CUDA with Triton)."""
     pack: bool = False
@@ -213,6 +215,11 @@ class TrainConfig:
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise UserError("--offload-checkpoints moves gradient checkpoints to host memory; it needs gradient "
                             "checkpointing: drop --no-gradient-checkpointing")
+        if self.plain_layers < 0:
+            raise UserError(f"--plain-layers {self.plain_layers} must be 0 or more (0 = every layer checkpointed)")
+        if self.plain_layers and not self.gradient_checkpointing:
+            raise UserError(f"--plain-layers {self.plain_layers} leaves layers out of gradient checkpointing, which "
+                            "is off: drop --no-gradient-checkpointing or --plain-layers")
         if self.mlp_tiles < 1:
             raise UserError(f"--mlp-tiles {self.mlp_tiles} must be a positive whole number (1 = no tiling)")
         parse_save_every(self.save_every)

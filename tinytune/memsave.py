@@ -12,6 +12,8 @@
   ``torch.autograd.graph.save_on_cpu`` can move; the non-reentrant kind keeps them through saved-
   tensor hooks of its own, out of save_on_cpu's reach. Reentrant checkpointing needs an input that
   requires grad: the embeddings' output is made to (``enable_input_require_grads``).
+- **Plain last layers.** Checkpointing costs a second forward of each layer. Where memory is left
+  over, ``plain_last_layers`` leaves the last layers out: they keep their activations and run once.
 - **Tiled MLP.** A layer recomputed in backward rebuilds its MLP's intermediates (gate, up and
   their product: 3 × tokens × intermediate, 14,336 wide for Llama-3.1-8B) for the whole sequence at
   once. ``tile_mlp`` runs the MLP over the sequence in tiles, each under its own checkpoint, so only
@@ -76,6 +78,17 @@ def offload_checkpoints(model) -> None:
     model.enable_input_require_grads()
     for layer in decoder_layers(model):
         layer._gradient_checkpointing_func = functools.partial(_offloaded, pin_memory=pin)
+
+
+def plain_last_layers(model, n: int) -> None:
+    """After checkpointing is on: run the last ``n`` decoder layers without it (0 = checkpoint all).
+
+    The last layers are the ones to leave plain: their backward runs first, so their activations
+    are gone before any checkpointed layer is rebuilt, and the last layer's recomputation would
+    come right after its forward anyway."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < len(layers) - n
 
 
 def _tiled(mlp_forward, tiles: int, x: torch.Tensor) -> torch.Tensor:

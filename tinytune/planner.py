@@ -15,9 +15,11 @@ A plan fits when the need is at most 95% of the budget: the other 5% is a safety
    linear layer gains little.
 4. Micro-batch (≤ the effective batch of 8 sequences, the rest by accumulation) and gradient
    checkpointing: the pair with the best expected throughput that fits; checkpointing costs about a
-   third more compute, a micro-batch of few tokens leaves the GPU idle.
+   third more compute, a micro-batch of few tokens leaves the GPU idle. With checkpointing, the
+   memory left over goes to plain last layers (not checkpointed): as many as fit.
 
-Choices the user fixed (--technique, --rank, --bits, --seq-len, --batch, --no-gradient-checkpointing)
+Choices the user fixed (--technique, --rank, --bits, --seq-len, --batch, --no-gradient-checkpointing,
+--plain-layers)
 are kept and the rest is planned around them; when they cannot fit, the error says by how much.
 When nothing fits, the error gives the smallest budget that would.
 """
@@ -37,7 +39,8 @@ VERA_RANKS = (1024, 512, 256)
 MICRO_BATCHES = (8, 4, 2, 1)
 EFFECTIVE_BATCH = 8
 DEFAULT_SEQ_CAP = 2048  # without --seq-len: plan for the longest example, at most this long
-PLANNED = ("technique", "rank", "bits", "seq_len", "micro_batch", "grad_accum", "gradient_checkpointing", "alpha")
+PLANNED = ("technique", "rank", "bits", "seq_len", "micro_batch", "grad_accum", "gradient_checkpointing", "plain_layers",
+           "alpha")
 OFFLOAD_TILE_TOKENS = 2048  # with offloading the MLP runs in tiles of about this many tokens
 SAFETY_MARGIN = 0.05  # of the budget, kept free beyond the predicted need: the estimate's error bar
 CHECKPOINT_COST = 1.33  # recomputing each layer's forward in backward: 4 passes of work instead of 3
@@ -63,6 +66,8 @@ class Fixed:
     micro_batch: int | None = None
     grad_accum: int | None = None
     gradient_checkpointing: bool | None = None
+    plain_layers: int | None = None
+    """Last decoder layers left out of checkpointing; None = as many as the memory left over allows."""
     optim: str = "paged-adamw-8bit"
     dropout: float = 0.05
     targets: tuple[str, ...] = ("all-linear",)
@@ -74,7 +79,8 @@ class Fixed:
     def named(self) -> str:
         flags = [f"--technique {self.technique}" if self.technique else "", f"--rank {self.rank}" if self.rank else "",
                  f"--bits {self.bits}" if self.bits else "", f"--batch {self.micro_batch}" if self.micro_batch else "",
-                 "--no-gradient-checkpointing" if self.gradient_checkpointing is False else ""]
+                 "--no-gradient-checkpointing" if self.gradient_checkpointing is False else "",
+                 f"--plain-layers {self.plain_layers}" if self.plain_layers else ""]
         return " ".join(f for f in flags if f)
 
 
@@ -95,9 +101,13 @@ class Candidate:
         return self.budget - self.est.needed
 
     def throughput(self) -> float:
-        """Relative tokens/s: GPU utilisation grows with tokens per micro-batch, checkpointing costs a third."""
-        tokens = self.setup.tokens
-        return tokens / (tokens + 1024) / (CHECKPOINT_COST if self.setup.gradient_checkpointing else 1.0)
+        """Relative tokens/s: GPU utilisation grows with tokens per micro-batch, checkpointing costs a
+        third for each layer it recomputes."""
+        s = self.setup
+        tokens = s.tokens
+        layers = self.est.shape.layers
+        checkpointed = (layers - min(s.plain_layers, layers)) / layers if s.gradient_checkpointing else 0.0
+        return tokens / (tokens + 1024) / (1.0 + (CHECKPOINT_COST - 1.0) * checkpointed)
 
     def label(self) -> str:
         s = self.setup
@@ -108,6 +118,7 @@ class Candidate:
         return {
             "technique": s.technique, "rank": s.rank, "bits": s.bits, "micro_batch": s.micro_batch,
             "grad_accum": self.grad_accum, "seq_len": s.seq_len, "gradient_checkpointing": s.gradient_checkpointing,
+            "plain_layers": s.plain_layers,
             "optim": s.optim, "fits": self.fits, "predicted_peak_gib": round(self.est.peak / GIB, 3),
             "predicted_allocated_gib": round(self.est.allocator_peak / GIB, 3),
             "needed_gib": round(self.est.needed / GIB, 3), "headroom_gib": round(self.headroom / GIB, 3),
@@ -133,11 +144,12 @@ class Plan:
 
 
 def _candidate(shape: ModelShape, budget: Budget, fixed: Fixed, seq_len: int, technique: str, bits: int, rank: int,
-               micro_batch: int, checkpointing: bool, scale: float) -> Candidate:
+               micro_batch: int, checkpointing: bool, scale: float, plain_layers: int | None = None) -> Candidate:
+    plain = (fixed.plain_layers or 0) if plain_layers is None else plain_layers
     setup = Setup(technique=technique, rank=rank, bits=bits, micro_batch=micro_batch, seq_len=seq_len,
                   gradient_checkpointing=checkpointing, optim=fixed.optim, dropout=fixed.dropout,
                   targets=fixed.targets, device=budget.device, offload=fixed.offload and checkpointing,
-                  mlp_tiles=fixed.mlp_tiles, padded=fixed.padded)
+                  mlp_tiles=fixed.mlp_tiles, padded=fixed.padded, plain_layers=plain if checkpointing else 0)
     est = estimate(shape, setup)
     if scale != 1.0:  # a calibration run measured activations differently from the formulas
         for key in ("activations", "backward working set"):
@@ -171,9 +183,26 @@ def _best_in_family(shape, budget, fixed, seq_len, technique, bits, scale) -> tu
         if not least.fits:
             continue
         options = [_candidate(shape, budget, fixed, seq_len, technique, bits, rank, mb, ck, scale) for mb in mbs for ck in ckpts]
-        fitting = [c for c in options if c.fits]
+        fitting = [_spend_on_plain_layers(c, shape, budget, fixed, scale) for c in options if c.fits]
         return max(fitting, key=lambda c: (c.throughput(), c.setup.micro_batch)), True
     return smallest, False
+
+
+def _spend_on_plain_layers(c: Candidate, shape, budget, fixed, scale) -> Candidate:
+    """A fitting checkpointed candidate with as many plain last layers as still fit (each runs its
+    forward once instead of twice), unless the user chose the number."""
+    if not c.setup.gradient_checkpointing or fixed.plain_layers is not None:
+        return c
+    s = c.setup
+    best, lo, hi = c, 1, shape.layers - 1  # all layers plain is the no-checkpointing candidate
+    while lo <= hi:  # more plain layers never need less memory: bisect for the most that fit
+        mid = (lo + hi) // 2
+        cand = _candidate(shape, budget, fixed, s.seq_len, s.technique, s.bits, s.rank, s.micro_batch, True, scale, mid)
+        if cand.fits:
+            best, lo = cand, mid + 1
+        else:
+            hi = mid - 1
+    return best
 
 
 def _families(fixed: Fixed) -> list[tuple[str, int]]:
@@ -181,6 +210,12 @@ def _families(fixed: Fixed) -> list[tuple[str, int]]:
     if fixed.technique:
         return [(fixed.technique, b) for b in bits if fixed.technique != "full" or b == 16]
     return [("lora", b) for b in bits]
+
+
+def check_plain_layers(n: int, shape: ModelShape) -> None:
+    if n >= shape.layers:
+        raise UserError(f"--plain-layers {n}: {shape.name} has {shape.layers} decoder layers; use at most "
+                        f"{shape.layers - 1}, or --no-gradient-checkpointing to checkpoint none")
 
 
 def make_plan(shape: ModelShape, budget: Budget, seq_len: int, fixed: Fixed | None = None,
@@ -191,6 +226,7 @@ def make_plan(shape: ModelShape, budget: Budget, seq_len: int, fixed: Fixed | No
     if budget.device == "cuda" and budget.bytes <= CUDA_CONTEXT_BYTES:
         raise UserError(f"{budget.source}: {gib(budget.bytes)} is less than the CUDA context alone "
                         f"(≈{gib(CUDA_CONTEXT_BYTES)}); give the GPU's memory, e.g. --vram 12GB")
+    check_plain_layers(fixed.plain_layers or 0, shape)
     if shape.max_context and seq_len > shape.max_context:
         raise UserError(f"--seq-len {seq_len} is beyond {shape.name}'s context of {shape.max_context} tokens; "
                         f"use --seq-len {shape.max_context} or less")
@@ -247,6 +283,9 @@ def _reason(c: Candidate, fixed: Fixed) -> str:
     why.append(f"{s.micro_batch}×{s.seq_len} tokens per micro-batch × {c.grad_accum} accumulated")
     why.append("gradient checkpointing" + (" (needed to fit)" if s.gradient_checkpointing and fixed.gradient_checkpointing is None else "")
                if s.gradient_checkpointing else "no gradient checkpointing (fits without; ≈25% faster)")
+    if s.gradient_checkpointing and s.plain_layers:
+        why.append(f"the last {s.plain_layers} of {c.est.shape.layers} layers not checkpointed"
+                   + (" as asked" if fixed.plain_layers is not None else " (memory to spare: they run once)"))
     if s.offload:
         why.append("checkpoints offloaded to host memory" + ("" if fixed.offload else " (needed to fit)"))
     if s.mlp_tiles > 1:
@@ -282,8 +321,11 @@ def _runners_up(shape, budget, fixed, seq_len, chosen: Candidate, tried: list[Ca
 def fixed_from_config(cfg, explicit: set[str]) -> Fixed:
     """The choices of ``cfg`` that the user set (``explicit`` holds their field names)."""
     pick = lambda name: getattr(cfg, name) if name in explicit else None  # noqa: E731
+    plain = pick("plain_layers")
+    checkpointing = pick("gradient_checkpointing")
     return Fixed(technique=pick("technique"), rank=pick("rank"), bits=pick("bits"), micro_batch=pick("micro_batch"),
-                 grad_accum=pick("grad_accum"), gradient_checkpointing=pick("gradient_checkpointing"),
+                 grad_accum=pick("grad_accum"), gradient_checkpointing=True if plain and checkpointing is None else checkpointing,
+                 plain_layers=plain,
                  optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets,
                  offload=cfg.offload_checkpoints, mlp_tiles=cfg.mlp_tiles, padded=True if cfg.pack else None)
 
@@ -297,6 +339,8 @@ def apply(plan: Plan, cfg, pinned: set[str]) -> None:
             setattr(cfg, name, value)
     cfg.offload_checkpoints = cfg.offload_checkpoints or s.offload  # the planner only ever turns these on
     cfg.mlp_tiles = max(cfg.mlp_tiles, s.mlp_tiles)
+    if "plain_layers" not in pinned:
+        cfg.plain_layers = s.plain_layers if s.gradient_checkpointing else 0
     if "rank" not in pinned and s.technique != "full":
         cfg.rank = s.rank
         if "alpha" not in pinned:
@@ -309,6 +353,7 @@ def estimate_for(shape: ModelShape, cfg, device: str, seq_len: int | None = None
                                  seq_len=seq_len or cfg.seq_len, gradient_checkpointing=cfg.gradient_checkpointing,
                                  optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets, device=device,
                                  offload=cfg.offload_checkpoints and cfg.gradient_checkpointing, mlp_tiles=cfg.mlp_tiles,
+                                 plain_layers=cfg.plain_layers if cfg.gradient_checkpointing else 0,
                                  padded=True if cfg.pack else None))
 
 
@@ -367,6 +412,7 @@ def render(plan: Plan) -> str:
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
     head = [c.label() for c in plans]
     sub = [f"mb {c.setup.micro_batch}×{c.grad_accum}" + (" ckpt" if c.setup.gradient_checkpointing else "")
+           + (f" plain {c.setup.plain_layers}" if c.setup.gradient_checkpointing and c.setup.plain_layers else "")
            + (" offload" if c.setup.offload else "") + (f" mlp/{c.setup.mlp_tiles}" if c.setup.mlp_tiles > 1 else "")
            for c in plans]
     names = list(dict.fromkeys(name for c in plans for name, _, _ in c.est.table()))
@@ -405,8 +451,9 @@ def describe(cfg, model_config, device, dtype, n_trainable: int, total_steps: in
         "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len, "grad_accum": cfg.grad_accum,
         "effective_batch": cfg.micro_batch * cfg.grad_accum,
         "max_tokens_per_step": cfg.micro_batch * cfg.grad_accum * cfg.seq_len,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "offload_checkpoints": cfg.offload_checkpoints,
-        "mlp_tiles": cfg.mlp_tiles, "optim": cfg.optim, "total_steps": total_steps,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "plain_layers": cfg.plain_layers,
+        "offload_checkpoints": cfg.offload_checkpoints, "mlp_tiles": cfg.mlp_tiles, "optim": cfg.optim,
+        "total_steps": total_steps,
         "trainable_params": n_trainable, "device": device.type, "compute_dtype": str(dtype).removeprefix("torch."),
         "budget_gib": round(cfg.vram / GIB, 3) if cfg.vram else None,
         "model": {"name": source.name, "kind": source.kind, "model_type": model_config.model_type,

@@ -185,6 +185,7 @@ def calibrate(model, shape, plan, cfg: TrainConfig, pinned: set[str], device, dt
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+        memsave.plain_last_layers(model, cfg.plain_layers)
     model.train()
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
@@ -215,6 +216,8 @@ class LoopState:
     split: int = 1
     """Each planned micro-batch runs as this many pieces (doubled after an out-of-memory error)."""
     gradient_checkpointing: bool = True
+    plain_layers: int = 0
+    """Last decoder layers run without checkpointing (set to 0 after an out-of-memory error)."""
     nonfinite_in_row: int = 0
 
     def piece(self, micro_batch: int) -> int:
@@ -253,9 +256,14 @@ def free_memory(device: torch.device) -> None:
 
 
 def after_oom(loop: LoopState, model, micro_batch: int, step: int) -> dict:
-    """Re-plan after an out-of-memory error: halve the micro-batch (twice the accumulation, same
-    examples per step); at one example, turn on gradient checkpointing; past that, give up."""
-    if loop.piece(micro_batch) > 1:
+    """Re-plan after an out-of-memory error: checkpoint the plain last layers too; then halve the
+    micro-batch (twice the accumulation, same examples per step); at one example, turn on gradient
+    checkpointing; past that, give up."""
+    if loop.gradient_checkpointing and loop.plain_layers:
+        loop.plain_layers = 0
+        memsave.plain_last_layers(model, 0)
+        action = "every layer checkpointed"
+    elif loop.piece(micro_batch) > 1:
         loop.split *= 2
         action = f"micro-batch {loop.piece(micro_batch)} × {loop.split} pieces per planned micro-batch"
     elif not loop.gradient_checkpointing:
@@ -266,7 +274,7 @@ def after_oom(loop: LoopState, model, micro_batch: int, step: int) -> dict:
         raise UserError(f"out of memory at step {step} even at micro-batch 1 with gradient checkpointing; "
                         "start a new run with a shorter --seq-len, --bits 4 or a larger --vram budget")
     return {"step": step, "event": "oom", "action": action, "split": loop.split,
-            "gradient_checkpointing": loop.gradient_checkpointing}
+            "gradient_checkpointing": loop.gradient_checkpointing, "plain_layers": loop.plain_layers}
 
 
 def open_resume(run_dir: Path, overrides: dict, say) -> tuple[TrainConfig, dict, checkpoint.Checkpoint]:
@@ -334,12 +342,14 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         ds.train = data.pack(ds.train, cfg.seq_len, cfg.seed)
         fill = sum(len(e.input_ids) for e in ds.train) / (len(ds.train) * cfg.seq_len)
         say(f"packed {n_examples} train examples into {len(ds.train)} rows of ≤{cfg.seq_len} tokens ({100 * fill:.0f}% full)")
+    planner.check_plain_layers(cfg.plain_layers, shape)
     plan = None
     if budget is not None and ckpt is None:
         plan = planner.make_plan(shape, budget, cfg.seq_len, planner.fixed_from_config(cfg, pinned))
         planner.apply(plan, cfg, pinned)
         say(f"plan: {plan.chosen.label()}, micro-batch {cfg.micro_batch} × {cfg.grad_accum}, "
-            f"{'gradient checkpointing' if cfg.gradient_checkpointing else 'no gradient checkpointing'}; predicted peak "
+            f"{'gradient checkpointing' if cfg.gradient_checkpointing else 'no gradient checkpointing'}"
+            f"{f' (the last {cfg.plain_layers} layers plain)' if cfg.gradient_checkpointing and cfg.plain_layers else ''}; predicted peak "
             f"{plan.chosen.est.peak / GIB:.2f} GiB, need {plan.chosen.est.needed / GIB:.2f} of {budget.bytes / GIB:.2f} GiB "
             f"({budget.source}{'; CPU run: fp32 activations' if device.type == 'cpu' else ''})")
     save_every = parse_save_every(cfg.save_every)
@@ -383,7 +393,8 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
     eval_every = cfg.eval_every or max(1, total_steps // 4)
     # a resumed run goes on with its own loop state (OOM split, checkpointing, step)
-    loop = LoopState(**ckpt.state["trainer"]["loop"]) if ckpt else LoopState(gradient_checkpointing=cfg.gradient_checkpointing)
+    loop = LoopState(**ckpt.state["trainer"]["loop"]) if ckpt else LoopState(
+        gradient_checkpointing=cfg.gradient_checkpointing, plain_layers=cfg.plain_layers if cfg.gradient_checkpointing else 0)
 
     bar = ProgressBar(total_steps, stream=stream, start=loop.step, quiet=not show_progress)
 
@@ -410,6 +421,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         say(f"resuming {out} at step {ckpt.step} of {total_steps} from {ckpt.path.name}")
     if loop.gradient_checkpointing:
         memsave.offload_checkpoints(model) if cfg.offload_checkpoints else enable_checkpointing(model)
+        memsave.plain_last_layers(model, loop.plain_layers)
     memsave.tile_mlp(model, cfg.mlp_tiles)
     if compiled:
         fast.compile_layers(model)

@@ -4,12 +4,14 @@
     python tools/bench_vs_peft.py --smoke       # CPU, tiny shape: checks the code path, measures nothing
 
 Both stacks get the same random-init model built straight into NF4 + double quantization (no 16-bit
-copy, no weights on disk), LoRA r16 on every linear layer, batch 1, paged AdamW 8-bit and gradient
-checkpointing. The recipe is ``prepare_model_for_kbit_training`` + ``get_peft_model`` with the
-model's own loss; tinytune is its planner's plan for the sequence (chunked loss, no fp32 upcast of
-embeddings/norms/head, and offloaded checkpoints with a tiled MLP where the plan needs them).
+copy, no weights on disk), LoRA r16 on every linear layer, dropout 0.05, batch 1, paged AdamW 8-bit.
+The recipe is ``prepare_model_for_kbit_training`` + ``get_peft_model`` with the model's own loss and
+gradient checkpointing; tinytune is its planner's plan for the sequence under ``--cap`` (chunked
+loss, no fp32 upcast of embeddings/norms/head, checkpointing with as many plain last layers as the
+cap leaves room for, offloaded checkpoints with a tiled MLP where the plan needs them).
+``tinytune+plain0`` checkpoints every layer: the least memory, slower.
 
-Printed per stack: peak allocated GiB and tokens/s at ``--seq`` (uncapped), and the longest context
+Printed per stack: peak allocated GiB and tokens/s at ``--seq`` (uncapped, planned for the cap), and the longest context
 (batch 1) that runs under ``--cap`` GiB, found by doubling then bisecting to 512 tokens, each try in
 a fresh process capped with ``torch.cuda.set_per_process_memory_fraction``.
 """
@@ -28,7 +30,7 @@ from benchkit import TINY, cap_cuda_memory, run_in_fresh_process  # noqa: E402
 
 
 
-def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_layers: int = 0,
+def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_layers: int | None = None,
           compile_layers: bool = True):
     """(model, optimizer, step function) for one stack; the step returns the number of tokens."""
     import torch
@@ -68,17 +70,19 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
         shape = presets.model_shape(model) if not smoke else None
         if shape is not None:  # the planner's switches for this length (rank, technique and bits pinned)
             budget = planner.Budget(int(cap_gib * GIB), "cuda", f"{cap_gib:g} GiB cap")
-            fixed = planner.Fixed(technique="lora", rank=16, bits=4, micro_batch=1, grad_accum=1)
+            fixed = planner.Fixed(technique="lora", rank=16, bits=4, micro_batch=1, grad_accum=1, plain_layers=plain_layers)
             try:
                 planner.apply(planner.make_plan(shape, budget, seq, fixed), cfg, set(planner.PLANNED))
             except Exception:  # noqa: BLE001 - nothing fits by the estimate: try it anyway, as planned for the cap
                 cfg.offload_checkpoints, cfg.mlp_tiles = True, max(1, seq // planner.OFFLOAD_TILE_TOKENS)
         memsave.embeddings_on_host(net, cfg.technique)
         adapters.apply(net, cfg, 100)
-        memsave.offload_checkpoints(net) if cfg.offload_checkpoints else memsave.enable_checkpointing(net)
+        if plain_layers is not None:  # experiment: as pinned, whatever the plan says
+            cfg.plain_layers = plain_layers
+        if cfg.gradient_checkpointing:  # as planned: the uncapped speed runs plan for the cap too
+            memsave.offload_checkpoints(net) if cfg.offload_checkpoints else memsave.enable_checkpointing(net)
+            memsave.plain_last_layers(net, cfg.plain_layers)
         memsave.tile_mlp(net, cfg.mlp_tiles)
-        for layer in list(loading.decoder_layers(net))[:plain_layers]:  # experiment: these layers keep activations
-            layer.gradient_checkpointing = False
         if compile_layers and fast.can_compile(device):  # as the trainer does by default
             fast.compile_layers(net)
         net.train()
@@ -105,8 +109,8 @@ def run_one(spec: dict) -> dict:
         cap_cuda_memory(spec["cap"])
     out = dict(spec)
     try:
-        _, step = build(spec["stack"], spec["model"], spec["seq"], smoke, spec.get("cap") or 80.0,
-                        spec.get("plain_layers", 0), spec.get("compile", True))
+        _, step = build(spec["stack"], spec["model"], spec["seq"], smoke, spec.get("cap") or spec.get("plan_cap", 12.0),
+                        spec.get("plain_layers"), spec.get("compile", True))
         if spec.get("warmup", True):
             step()  # warm-up (allocator, autotuning)
             if spec["stack"] == "tinytune" and spec.get("compile", True):
@@ -134,7 +138,8 @@ def run_one(spec: dict) -> dict:
 
 
 def spec_of(stack: str) -> dict:
-    """'peft', 'tinytune', and experiments: 'tinytune+nocompile', 'tinytune+plain8' (8 layers not checkpointed)."""
+    """'peft', 'tinytune', and experiments: 'tinytune+nocompile', 'tinytune+plain8' (the last 8 layers not
+    checkpointed, instead of as many as the plan finds room for; plain0 checkpoints all)."""
     name, *parts = stack.split("+")
     spec = {"stack": name, "label": stack}
     for part in parts:
@@ -210,7 +215,8 @@ def main() -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--models", default="llama-3.1-8b,llama-3.2-1b", help="model presets, comma-separated")
     ap.add_argument("--stacks", default="peft,tinytune",
-                    help="comma-separated; experiments: tinytune+nocompile, tinytune+plainN (N layers not checkpointed)")
+                    help="comma-separated; experiments: tinytune+nocompile, tinytune+plainN (the last N layers not "
+                    "checkpointed instead of as planned)")
     ap.add_argument("--cap", type=float, default=12.0, help="GiB for the max-context search (default 12)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
@@ -234,7 +240,7 @@ def main() -> int:
             for model in args.models.split(",") for stack in args.stacks.split(",")]
     for i, spec in enumerate(rows):  # one at a time: these are the timed runs
         if not args.no_speed:
-            r = in_process({**spec, "seq": seq, "steps": 1 if args.smoke else args.steps,
+            r = in_process({**spec, "seq": seq, "steps": 1 if args.smoke else args.steps, "plan_cap": args.cap,
                             "profile": args.profile and not args.smoke})
             r.pop("profile", None)
             rows[i] = r

@@ -20,7 +20,8 @@ Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32)
   neither x nor a copy.
 
 With gradient checkpointing only each layer's input (d·h per token) is kept for the whole model;
-one layer's set above exists again while its backward runs.
+one layer's set above exists again while its backward runs. Layers left out of checkpointing (the
+last ones) keep their whole set.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class Setup:
     """Checkpointed layer inputs in host memory (memsave.offload_checkpoints)."""
     mlp_tiles: int = 1
     """MLP run over the sequence in this many checkpointed tiles (memsave.tile_mlp)."""
+    plain_layers: int = 0
+    """With checkpointing, the last this many decoder layers run without it (memsave.plain_last_layers)."""
 
     @property
     def act_bytes(self) -> int:
@@ -288,7 +291,11 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
 
 
 def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
-    """(kept for the whole step, one layer's set rebuilt during its backward)."""
+    """(kept for the whole step, what a recomputed layer adds during its backward).
+
+    Plain (not checkpointed) layers are the last ones, whose backward runs first: by the time a
+    checkpointed layer is rebuilt their activations are gone, so the rebuild only adds what it
+    needs beyond them."""
     d, n = setup.act_bytes, setup.tokens
     layer_input = d * shape.hidden * n
     per_layer = layer_saved_bytes_per_token(shape, setup) * n
@@ -296,16 +303,23 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     if setup.mlp_tiles > 1:  # the MLP keeps its input per tile; one tile's intermediates exist at a time
         mlp = 3 * d * shape.intermediate * n
         per_layer += layer_input - mlp + mlp / setup.mlp_tiles
-    if setup.gradient_checkpointing:
-        if setup.offload:  # in host memory; the one layer in backward brings its input back
-            return int(final), int(per_layer + layer_input)
-        return int(checkpoint_inputs_bytes(shape, setup) + final), int(per_layer)
-    return int(shape.layers * per_layer + final), 0
+    if not setup.gradient_checkpointing:
+        return int(shape.layers * per_layer + final), 0
+    plain = min(setup.plain_layers, shape.layers)
+    kept = plain * per_layer + final
+    if setup.offload:  # in host memory; the one layer in backward brings its input back
+        rebuilt = per_layer + layer_input
+    else:
+        kept += checkpoint_inputs_bytes(shape, setup)
+        rebuilt = per_layer
+    if plain == shape.layers:
+        rebuilt = 0
+    return int(kept), int(max(0, rebuilt - plain * per_layer))
 
 
 def checkpoint_inputs_bytes(shape: ModelShape, setup: Setup) -> int:
-    """Every decoder layer's input, which gradient checkpointing keeps (on the GPU, or offloaded)."""
-    return shape.layers * setup.act_bytes * shape.hidden * setup.tokens
+    """Every checkpointed decoder layer's input, which checkpointing keeps (on the GPU, or offloaded)."""
+    return max(0, shape.layers - setup.plain_layers) * setup.act_bytes * shape.hidden * setup.tokens
 
 
 def host_offload_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -375,12 +389,16 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
                                f"({host_offload_bytes(shape, setup) / 2**30:.2f} GiB pinned)" if setup.offload and setup.gradient_checkpointing
                                else "layer inputs only (gradient checkpointing)" if setup.gradient_checkpointing
                                else "every layer's saved tensors")
+                            + (f"; the last {setup.plain_layers} layers keep theirs (not checkpointed)"
+                               if setup.gradient_checkpointing and setup.plain_layers else "")
                             + (f", MLP in {setup.mlp_tiles} tiles" if setup.mlp_tiles > 1 else ""))
     loss = loss_bytes(shape, setup)
     layer = rebuilt + backward_work_bytes(shape, setup) + dequant_scratch_bytes(shape, setup)
     c["backward working set"] = max(loss, layer)
     notes["backward working set"] = (f"logits of {min(setup.loss_chunk or setup.tokens, setup.tokens)} tokens" if loss >= layer
                                      else "one layer recomputed + its gradients" if rebuilt
+                                     else "gradients through one layer (the plain layers' activations outweigh a rebuilt layer)"
+                                     if setup.gradient_checkpointing and setup.plain_layers
                                      else "gradients through one layer")
     return est
 
