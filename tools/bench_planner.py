@@ -42,10 +42,12 @@ GRID = [
     ("llama-3.1-8b", 4, "vera", 256, 1, 2048, True),
     ("llama-3.1-8b", 4, "lora", 16, 2, 2048, True),
 ]
-SWITCHES = [  # the memory switches: model, technique, rank, seq_len, offloaded checkpoints, MLP tiles
-    ("llama-3.1-8b", "lora", 16, 8192, True, 4),
-    ("llama-3.1-8b", "lora", 16, 16384, True, 8),
-    ("llama-3.2-1b", "lora", 16, 16384, True, 8),
+SWITCHES = [  # the memory switches: model, technique, rank, seq_len, offloaded checkpoints, MLP tiles, plain last layers
+    ("llama-3.1-8b", "lora", 16, 8192, True, 4, 0),
+    ("llama-3.1-8b", "lora", 16, 16384, True, 8, 0),
+    ("llama-3.2-1b", "lora", 16, 16384, True, 8, 0),
+    ("llama-3.1-8b", "lora", 16, 2048, False, 1, 9),
+    ("llama-3.1-8b", "lora", 16, 32768, True, 16, 0),
 ]
 PLANS = [  # model, budget GiB, seq_len
     ("llama-3.1-8b", 12, 2048), ("llama-3.1-8b", 12, 8192), ("llama-3.1-8b", 16, 4096),
@@ -76,7 +78,7 @@ def run_one(spec: dict) -> dict:
     padded = spec["micro_batch"] > 1
     setup = Setup(technique=spec["technique"], rank=spec["rank"], bits=spec["bits"], micro_batch=spec["micro_batch"],
                   seq_len=spec["seq_len"], gradient_checkpointing=spec["ckpt"], device=device.type, padded=padded,
-                  offload=spec.get("offload", False), mlp_tiles=spec.get("mlp_tiles", 1))
+                  offload=spec.get("offload", False), mlp_tiles=spec.get("mlp_tiles", 1), plain_layers=spec.get("plain", 0))
     est = estimate(shape, setup)
     out = {**spec, "predicted_gib": round(est.allocator_peak / GIB, 3), "needed_gib": round(est.needed / GIB, 3)}
     if device.type == "cuda" and spec.get("budget_gib"):
@@ -92,6 +94,8 @@ def run_one(spec: dict) -> dict:
             memsave.offload_checkpoints(model)
         elif tc.gradient_checkpointing:
             memsave.enable_checkpointing(model)
+        if tc.gradient_checkpointing:
+            memsave.plain_last_layers(model, spec.get("plain", 0))
         memsave.tile_mlp(model, spec.get("mlp_tiles", 1))
         model.train()
         optimizer = train.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
@@ -132,6 +136,7 @@ def plan_spec(model: str, budget_gib: int, seq_len: int, smoke: bool) -> dict:
     s = p.chosen.setup
     return {"model": model, "bits": s.bits, "technique": s.technique, "rank": s.rank, "micro_batch": s.micro_batch,
             "seq_len": seq_len, "ckpt": s.gradient_checkpointing, "offload": s.offload, "mlp_tiles": s.mlp_tiles,
+            "plain": s.plain_layers if not smoke else min(s.plain_layers, 1),
             "budget_gib": budget_gib, "smoke": smoke}
 
 
@@ -157,7 +162,8 @@ def print_row(res: dict) -> None:
 def ckpt_label(spec: dict) -> str:
     if not spec["ckpt"]:
         return "no"
-    return "yes" + ("+off" if spec.get("offload") else "") + (f"+t{spec['mlp_tiles']}" if spec.get("mlp_tiles", 1) > 1 else "")
+    return ("yes" + ("+off" if spec.get("offload") else "") + (f"+t{spec['mlp_tiles']}" if spec.get("mlp_tiles", 1) > 1 else "")
+            + (f"+p{spec['plain']}" if spec.get("plain") else ""))
 
 
 def main() -> int:
@@ -182,10 +188,11 @@ def main() -> int:
         specs.append({"part": "grid", "model": model, "bits": bits, "technique": technique, "rank": rank,
                       "micro_batch": mb, "seq_len": seq if not args.smoke else 64, "ckpt": ckpt, "steps": args.steps,
                       "smoke": args.smoke})
-    for model, technique, rank, seq, offload, tiles in SWITCHES if not args.only and "switches" in args.parts else []:
+    for model, technique, rank, seq, offload, tiles, plain in SWITCHES if not args.only and "switches" in args.parts else []:
         specs.append({"part": "grid", "model": model, "bits": 4, "technique": technique, "rank": rank, "micro_batch": 1,
                       "seq_len": seq if not args.smoke else 64, "ckpt": True, "offload": offload,
-                      "mlp_tiles": tiles if not args.smoke else 2, "steps": args.steps, "smoke": args.smoke})
+                      "mlp_tiles": tiles if not args.smoke else 2, "plain": plain if not args.smoke else min(plain, 1),
+                      "steps": args.steps, "smoke": args.smoke})
     if not args.only and "plan" in args.parts:
         for model, budget, seq in PLANS:
             spec = plan_spec(model, budget, seq, args.smoke)
