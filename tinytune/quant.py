@@ -118,9 +118,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         w = module.weight
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     if isinstance(module, bnb.nn.Linear8bitLt):
-        w = module.weight
-        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
-        return w.data.float() * (scb.float()[:, None] / 127.0)
+        return int8_weight(module, torch.float32)
     if isinstance(module, nn.Linear):
         return module.weight.detach().float()
     raise TypeError(f"not a linear layer: {type(module).__name__}")
