@@ -80,6 +80,12 @@ def offload_checkpoints(model) -> None:
         layer._gradient_checkpointing_func = functools.partial(_offloaded, pin_memory=pin)
 
 
+def checkpoint_layers(model, offload: bool = False, plain_layers: int = 0) -> None:
+    """Gradient checkpointing as a plan sets it: inputs offloaded or not, the last layers plain."""
+    offload_checkpoints(model) if offload else enable_checkpointing(model)
+    plain_last_layers(model, plain_layers)
+
+
 def plain_last_layers(model, n: int) -> None:
     """After checkpointing is on: run the last ``n`` decoder layers without it (0 = checkpoint all).
 

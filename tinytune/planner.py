@@ -283,7 +283,7 @@ def _reason(c: Candidate, fixed: Fixed) -> str:
     why.append(f"{s.micro_batch}×{s.seq_len} tokens per micro-batch × {c.grad_accum} accumulated")
     why.append("gradient checkpointing" + (" (needed to fit)" if s.gradient_checkpointing and fixed.gradient_checkpointing is None else "")
                if s.gradient_checkpointing else "no gradient checkpointing (fits without; ≈25% faster)")
-    if s.gradient_checkpointing and s.plain_layers:
+    if s.plain_layers:
         why.append(f"the last {s.plain_layers} of {c.est.shape.layers} layers not checkpointed"
                    + (" as asked" if fixed.plain_layers is not None else " (memory to spare: they run once)"))
     if s.offload:
@@ -340,7 +340,7 @@ def apply(plan: Plan, cfg, pinned: set[str]) -> None:
     cfg.offload_checkpoints = cfg.offload_checkpoints or s.offload  # the planner only ever turns these on
     cfg.mlp_tiles = max(cfg.mlp_tiles, s.mlp_tiles)
     if "plain_layers" not in pinned:
-        cfg.plain_layers = s.plain_layers if s.gradient_checkpointing else 0
+        cfg.plain_layers = s.plain_layers  # 0 where the plan does not checkpoint (_candidate)
     if "rank" not in pinned and s.technique != "full":
         cfg.rank = s.rank
         if "alpha" not in pinned:
@@ -353,7 +353,7 @@ def estimate_for(shape: ModelShape, cfg, device: str, seq_len: int | None = None
                                  seq_len=seq_len or cfg.seq_len, gradient_checkpointing=cfg.gradient_checkpointing,
                                  optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets, device=device,
                                  offload=cfg.offload_checkpoints and cfg.gradient_checkpointing, mlp_tiles=cfg.mlp_tiles,
-                                 plain_layers=cfg.plain_layers if cfg.gradient_checkpointing else 0,
+                                 plain_layers=cfg.plain_layers,
                                  padded=True if cfg.pack else None))
 
 
@@ -412,7 +412,7 @@ def render(plan: Plan) -> str:
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
     head = [c.label() for c in plans]
     sub = [f"mb {c.setup.micro_batch}×{c.grad_accum}" + (" ckpt" if c.setup.gradient_checkpointing else "")
-           + (f" plain {c.setup.plain_layers}" if c.setup.gradient_checkpointing and c.setup.plain_layers else "")
+           + (f" plain {c.setup.plain_layers}" if c.setup.plain_layers else "")
            + (" offload" if c.setup.offload else "") + (f" mlp/{c.setup.mlp_tiles}" if c.setup.mlp_tiles > 1 else "")
            for c in plans]
     names = list(dict.fromkeys(name for c in plans for name, _, _ in c.est.table()))

@@ -184,8 +184,7 @@ def calibrate(model, shape, plan, cfg: TrainConfig, pinned: set[str], device, dt
     ids = torch.randint(0, shape.vocab, (cfg.micro_batch, short), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-        memsave.plain_last_layers(model, cfg.plain_layers)
+        memsave.checkpoint_layers(model, plain_layers=cfg.plain_layers)
     model.train()
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
@@ -349,7 +348,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         planner.apply(plan, cfg, pinned)
         say(f"plan: {plan.chosen.label()}, micro-batch {cfg.micro_batch} × {cfg.grad_accum}, "
             f"{'gradient checkpointing' if cfg.gradient_checkpointing else 'no gradient checkpointing'}"
-            f"{f' (the last {cfg.plain_layers} layers plain)' if cfg.gradient_checkpointing and cfg.plain_layers else ''}; predicted peak "
+            f"{f' (the last {cfg.plain_layers} layers plain)' if cfg.plain_layers else ''}; predicted peak "
             f"{plan.chosen.est.peak / GIB:.2f} GiB, need {plan.chosen.est.needed / GIB:.2f} of {budget.bytes / GIB:.2f} GiB "
             f"({budget.source}{'; CPU run: fp32 activations' if device.type == 'cpu' else ''})")
     save_every = parse_save_every(cfg.save_every)
@@ -394,7 +393,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     eval_every = cfg.eval_every or max(1, total_steps // 4)
     # a resumed run goes on with its own loop state (OOM split, checkpointing, step)
     loop = LoopState(**ckpt.state["trainer"]["loop"]) if ckpt else LoopState(
-        gradient_checkpointing=cfg.gradient_checkpointing, plain_layers=cfg.plain_layers if cfg.gradient_checkpointing else 0)
+        gradient_checkpointing=cfg.gradient_checkpointing, plain_layers=cfg.plain_layers)
 
     bar = ProgressBar(total_steps, stream=stream, start=loop.step, quiet=not show_progress)
 
@@ -420,8 +419,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
         publish(record)
         say(f"resuming {out} at step {ckpt.step} of {total_steps} from {ckpt.path.name}")
     if loop.gradient_checkpointing:
-        memsave.offload_checkpoints(model) if cfg.offload_checkpoints else enable_checkpointing(model)
-        memsave.plain_last_layers(model, loop.plain_layers)
+        memsave.checkpoint_layers(model, cfg.offload_checkpoints, loop.plain_layers)
     memsave.tile_mlp(model, cfg.mlp_tiles)
     if compiled:
         fast.compile_layers(model)

@@ -90,12 +90,8 @@ def run_one(spec: dict) -> dict:
         model = loading.build_random(config, tc.bits, device, dtype)
         memsave.embeddings_on_host(model, tc.technique)
         adapters.apply(model, tc, 100)
-        if spec.get("offload"):
-            memsave.offload_checkpoints(model)
-        elif tc.gradient_checkpointing:
-            memsave.enable_checkpointing(model)
         if tc.gradient_checkpointing:
-            memsave.plain_last_layers(model, spec.get("plain", 0))
+            memsave.checkpoint_layers(model, spec.get("offload", False), spec.get("plain", 0))
         memsave.tile_mlp(model, spec.get("mlp_tiles", 1))
         model.train()
         optimizer = train.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)

@@ -79,9 +79,7 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
         adapters.apply(net, cfg, 100)
         if plain_layers is not None:  # experiment: as pinned, whatever the plan says
             cfg.plain_layers = plain_layers
-        if cfg.gradient_checkpointing:  # as planned: the uncapped speed runs plan for the cap too
-            memsave.offload_checkpoints(net) if cfg.offload_checkpoints else memsave.enable_checkpointing(net)
-            memsave.plain_last_layers(net, cfg.plain_layers)
+        memsave.checkpoint_layers(net, cfg.offload_checkpoints, cfg.plain_layers)
         memsave.tile_mlp(net, cfg.mlp_tiles)
         if compile_layers and fast.can_compile(device):  # as the trainer does by default
             fast.compile_layers(net)
