@@ -68,11 +68,12 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
     else:
         cfg = TrainConfig(technique="lora", rank=16, alpha=32, bits=4, micro_batch=1, grad_accum=1, seq_len=seq)
         shape = presets.model_shape(model) if not smoke else None
-        if shape is not None:  # the planner's switches for this length (rank, technique and bits pinned)
+        if shape is not None:  # the planner's switches for this length (technique, rank, bits, batch pinned)
             budget = planner.Budget(int(cap_gib * GIB), "cuda", f"{cap_gib:g} GiB cap")
-            fixed = planner.Fixed(technique="lora", rank=16, bits=4, micro_batch=1, grad_accum=1, plain_layers=plain_layers)
+            fixed = planner.Fixed(technique="lora", rank=16, bits=4, micro_batch=1, grad_accum=1,
+                                  gradient_checkpointing=True, plain_layers=plain_layers)
             try:
-                planner.apply(planner.make_plan(shape, budget, seq, fixed), cfg, set(planner.PLANNED))
+                planner.apply(planner.make_plan(shape, budget, seq, fixed), cfg, set(planner.PLANNED) - {"plain_layers"})
             except Exception:  # noqa: BLE001 - nothing fits by the estimate: try it anyway, as planned for the cap
                 cfg.offload_checkpoints, cfg.mlp_tiles = True, max(1, seq // planner.OFFLOAD_TILE_TOKENS)
         memsave.embeddings_on_host(net, cfg.technique)
