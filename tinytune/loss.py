@@ -1,16 +1,18 @@
-"""Causal-LM cross-entropy computed over the sequence in chunks.
+"""Causal-LM cross-entropy computed over the sequence in chunks, its gradient taken in forward.
 
 Full-vocabulary logits are the largest activation of a small model (seq × vocab × 4 bytes: 2,048
-tokens × 128,256 vocab = 1 GiB in fp32 for Llama 3). Each chunk's logits are recomputed in the
-backward pass (non-reentrant checkpoint), so only one chunk's logits exist at any time and autograd
-keeps just the chunk's hidden states.
+tokens × 128,256 vocab = 1 GiB in fp32 for Llama 3). The loss runs over the tokens in chunks, and
+each chunk's gradient (with respect to the hidden states and any trainable head weights) is taken
+right away, in the forward pass: only one chunk's logits exist at any time, autograd keeps no
+logits at all, and the backward pass only scales the stored gradients by the incoming one. A
+checkpointed chunk (the way to get the same memory with plain autograd) would run the head's
+matmul and the softmax a second time in backward; taking the gradient in forward runs each once.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tinytune.data import IGNORE
 
@@ -22,6 +24,40 @@ def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.T
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
+class _LossWithGradient(torch.autograd.Function):
+    """Summed loss over ``spans`` of (tokens, d) ``hidden``; the gradients are computed here, in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, softcap, spans, *params):
+        want_hidden, want = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
+        wanted = [p for p, w in zip(params, want) if w]
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grads: list[torch.Tensor | None] = [None] * len(wanted)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start, end in spans:
+            with torch.enable_grad():
+                h = hidden[start:end].detach().requires_grad_(want_hidden)
+                loss = _chunk_loss_sum(head, h, targets[start:end], softcap)
+                got = torch.autograd.grad(loss, ([h] if want_hidden else []) + wanted)
+            total += loss.detach()
+            if want_hidden:
+                grad_hidden[start:end] = got[0]
+                got = got[1:]
+            for i, g in enumerate(got):
+                grads[i] = g if grads[i] is None else grads[i].add_(g)
+        it = iter(grads)
+        ctx.grads = [grad_hidden] + [(next(it) if w else None) for w in want]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the chunked loss's stored gradients were already used; backward runs once per forward")
+        scaled = [g.mul_(grad_total) if g is not None else None for g in grads]
+        return (scaled[0], None, None, None, None, *scaled[1:])
+
+
 def causal_lm_loss_sum(
     head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024, softcap: float | None = None
 ) -> tuple[torch.Tensor, int]:
@@ -31,18 +67,18 @@ def causal_lm_loss_sum(
     Position t predicts labels[t + 1]. ``chunk`` counts tokens per piece (0 = all at once).
     """
     hidden = hidden[:, :-1, :]
-    targets = labels[:, 1:]
-    n_tokens = int((targets != IGNORE).sum())
+    targets = labels[:, 1:].reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    if chunk <= 0 or hidden.shape[0] <= chunk:
-        return _chunk_loss_sum(head, hidden, targets, softcap), n_tokens
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        if (t != IGNORE).any():
-            if torch.is_grad_enabled() and h.requires_grad:
-                total = total + checkpoint(_chunk_loss_sum, head, h, t, softcap, use_reentrant=False)
-            else:
-                total = total + _chunk_loss_sum(head, h, t, softcap)
-    return total, n_tokens
+    size = max(1, hidden.shape[0] if chunk <= 0 else chunk)
+    # how many tokens each chunk predicts, read from the device in one go
+    valid = F.pad((targets != IGNORE).int(), (0, -targets.shape[0] % size)).view(-1, size).sum(1)
+    counts = valid.tolist()
+    spans = [(i * size, min((i + 1) * size, hidden.shape[0])) for i, c in enumerate(counts) if c]
+    params = [p for p in head.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+        total = _LossWithGradient.apply(hidden, targets, head, softcap, spans, *params)
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start, end in spans:
+            total = total + _chunk_loss_sum(head, hidden[start:end], targets[start:end], softcap)
+    return total, sum(counts)

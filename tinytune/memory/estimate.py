@@ -345,9 +345,10 @@ def backward_work_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def loss_bytes(shape: ModelShape, setup: Setup) -> int:
-    """One chunk of logits: head output, its fp32 copy, log-softmax and its gradient."""
+    """One chunk of logits (head output, its fp32 copy, log-softmax and its gradient), and the
+    gradient of the head's input that the loss fills chunk by chunk in forward (tinytune.loss)."""
     chunk = min(setup.loss_chunk or setup.tokens, setup.tokens)
-    return chunk * shape.vocab * (setup.act_bytes + 4 + 4 + 4)
+    return chunk * shape.vocab * (setup.act_bytes + 4 + 4 + 4) + setup.tokens * shape.hidden * setup.act_bytes
 
 
 def dequant_scratch_bytes(shape: ModelShape, setup: Setup) -> int:
