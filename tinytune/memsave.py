@@ -9,9 +9,12 @@
   its input (tokens × hidden). ``offload_checkpoints`` moves those to (pinned) host memory until
   the layer's backward needs them, so GPU activations no longer grow with the number of layers.
   Reentrant checkpointing keeps only the layer's inputs, through ``save_for_backward``, which
-  ``torch.autograd.graph.save_on_cpu`` can move; the non-reentrant kind keeps them through saved-
-  tensor hooks of its own, out of save_on_cpu's reach. Reentrant checkpointing needs an input that
-  requires grad: the embeddings' output is made to (``enable_input_require_grads``).
+  saved-tensor hooks (``HostCopies``) can move; the non-reentrant kind keeps them through saved-
+  tensor hooks of its own, out of reach. Reentrant checkpointing needs an input that requires grad:
+  the embeddings' output is made to (``enable_input_require_grads``). On CUDA the copies run on a
+  stream of their own, so neither direction stalls the computation: in forward the copy to host
+  overlaps the next layers and nothing waits for it; in backward, when a layer takes its input
+  back, the input of the layer before it (the next one backward needs) starts coming back.
 - **Plain last layers.** Checkpointing costs a second forward of each layer. Where memory is left
   over, ``plain_last_layers`` leaves the last layers out: they keep their activations and run once.
 - **Tiled MLP.** A layer recomputed in backward rebuilds its MLP's intermediates (gate, up and
@@ -24,6 +27,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -66,18 +70,80 @@ def enable_checkpointing(model, reentrant: bool = False) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _offloaded(function, *args, pin_memory: bool):
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+class _Saved:
+    """One offloaded tensor: its host copy, and its way back once fetched."""
+
+    __slots__ = ("device", "host", "copied", "fetched", "arrived", "taken", "__weakref__")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.host, self.copied, self.fetched, self.arrived, self.taken = device, None, None, None, None, False
+
+
+class HostCopies:
+    """Saved-tensor hooks that keep what autograd saves in host memory (pinned, on CUDA).
+
+    On CUDA every copy runs on a side stream, ordered against the computation by events alone:
+    the CPU never waits for a copy, and the computation waits only where it reads a fetched input.
+    The saved tensors are remembered in the order saved; taking one back starts fetching the one
+    saved before it, which backward (running the layers in reverse) needs next. A step that is
+    abandoned (out of memory mid-forward) frees its copies with its autograd graph."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.order: list[weakref.ref[_Saved]] = []
+
+    def pack(self, t: torch.Tensor) -> _Saved:
+        self.order = [ref for ref in self.order if (s := ref()) is not None and not s.taken]
+        saved = _Saved(t.device)
+        if self.side is None or t.device.type != "cuda":
+            saved.host = t.detach().to("cpu", copy=True)
+        else:
+            self.side.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(self.side):
+                saved.host = torch.empty_like(t, device="cpu", pin_memory=True)
+                saved.host.copy_(t, non_blocking=True)
+                saved.copied = self.side.record_event()
+            t.record_stream(self.side)  # the allocator keeps t's memory until the copy has read it
+        self.order.append(weakref.ref(saved))
+        return saved
+
+    def _fetch(self, saved: _Saved) -> None:
+        if saved.host.device == saved.device:
+            saved.fetched = saved.host
+        elif self.side is None:
+            saved.fetched = saved.host.to(saved.device)
+        else:  # after its copy to host: the side stream runs in order
+            with torch.cuda.stream(self.side):
+                saved.fetched = saved.host.to(saved.device, non_blocking=True)
+                saved.arrived = self.side.record_event()
+
+    def unpack(self, saved: _Saved) -> torch.Tensor:
+        if saved.fetched is None:
+            self._fetch(saved)
+        if saved.arrived is not None:
+            current = torch.cuda.current_stream(saved.device)
+            current.wait_event(saved.arrived)
+            saved.fetched.record_stream(current)  # allocated on the side stream, read on this one
+        saved.taken = True
+        position = next((i for i, ref in enumerate(self.order) if ref() is saved), 0)
+        previous = self.order[position - 1]() if position else None
+        if previous is not None and previous.fetched is None:
+            self._fetch(previous)
+        return saved.fetched
+
+
+def _offloaded(function, *args, copies: HostCopies):
+    with torch.autograd.graph.saved_tensors_hooks(copies.pack, copies.unpack):
         return checkpoint(function, *args, use_reentrant=True)
 
 
 def offload_checkpoints(model) -> None:
     """Checkpoint every decoder layer with its input kept in host memory (pinned on CUDA)."""
-    pin = next(model.parameters()).device.type == "cuda"
+    copies = HostCopies(next(model.parameters()).device)
     enable_checkpointing(model, reentrant=True)
     model.enable_input_require_grads()
     for layer in decoder_layers(model):
-        layer._gradient_checkpointing_func = functools.partial(_offloaded, pin_memory=pin)
+        layer._gradient_checkpointing_func = functools.partial(_offloaded, copies=copies)
 
 
 def checkpoint_layers(model, offload: bool = False, plain_layers: int = 0) -> None:

@@ -307,8 +307,8 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
         return int(shape.layers * per_layer + final), 0
     plain = min(setup.plain_layers, shape.layers)
     kept = plain * per_layer + final
-    if setup.offload:  # in host memory; the one layer in backward brings its input back
-        rebuilt = per_layer + layer_input
+    if setup.offload:  # in host memory; the layer in backward brings its input back, and the next one's ahead
+        rebuilt = per_layer + 2 * layer_input
     else:
         kept += checkpoint_inputs_bytes(shape, setup)
         rebuilt = per_layer
