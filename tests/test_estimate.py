@@ -168,3 +168,65 @@ def test_checkpointing_and_techniques_order_memory_as_expected():
     assert 0.95 < lora.components["embeddings, norms, head"] / E.GIB < 1.0
     on_cpu = E.estimate(shape, E.with_(base, device="cpu")).components["embeddings, norms, head"]
     assert 3.6 < on_cpu / E.GIB < 4.2  # fp32, both tables
+
+
+def _peak_live_saved_bytes(model, run) -> int:
+    """The most bytes autograd holds for backward at any one time while ``run()`` runs (each storage
+    once; parameters and buffers left out). Checkpointing's recomputation keeps its tensors out of
+    these hooks, so this sees layers that are not checkpointed and the MLP tiles' own checkpoints."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    live: dict[int, list[int]] = {}
+    state = {"now": 0, "peak": 0}
+
+    class Held:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t, ptr = t, t.untyped_storage().data_ptr()
+            self.ptr = None if ptr in own else ptr
+            if self.ptr is not None:
+                entry = live.setdefault(ptr, [t.untyped_storage().nbytes(), 0])
+                if entry[1] == 0:
+                    state["now"] += entry[0]
+                    state["peak"] = max(state["peak"], state["now"])
+                entry[1] += 1
+
+        def __del__(self) -> None:
+            if self.ptr is not None:
+                entry = live[self.ptr]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    state["now"] -= entry[0]
+                    del live[self.ptr]
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.t):
+        run()
+    return state["peak"]
+
+
+@pytest.mark.parametrize("technique", ["lora", "lora-fa", "vera"])
+@pytest.mark.parametrize("tiles", [1, 2, 4])
+def test_a_tiled_mlp_keeps_only_its_input_per_layer(technique, tiles):
+    """What layers keep at the end of the forward, with the MLP run in tiles: its input only (in the
+    tiles' checkpoints); their gate, up, product and adapter inputs are gone until backward rebuilds
+    one tile. Two more layers add exactly what the estimator says they keep."""
+    from tinytune import memsave
+
+    def peak(layers: int) -> int:
+        model = _model(layers, 16, technique, 8, 0.0, torch.float32)
+        memsave.tile_mlp(model, tiles)
+        model.train()
+        ids = torch.randint(0, 256, (2, 32))
+
+        def run():
+            hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
+            loss.backward()
+
+        return _peak_live_saved_bytes(model, run)
+
+    def kept(layers: int) -> int:
+        shape = E.ModelShape.from_config(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW))
+        setup = E.Setup(technique=technique, rank=8, bits=16, micro_batch=2, seq_len=32, device="cpu", padded=False,
+                        dropout=0.0, mlp_tiles=tiles, gradient_checkpointing=False)
+        return E.activation_bytes(shape, setup)[0]
+
+    assert peak(4) - peak(2) == kept(4) - kept(2)

@@ -249,8 +249,16 @@ def optimizer_bytes(trainable: int, big: int, optim: str, param_bytes: int) -> i
 
 # --- activations -----------------------------------------------------------------------------------
 
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
 def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     """Bytes autograd keeps per token for one decoder layer without checkpointing (see module doc)."""
+    return sum(_saved_per_token(shape, setup))
+
+
+def _saved_per_token(shape: ModelShape, setup: Setup) -> tuple[float, float]:
+    """(the layer's saved bytes per token outside its MLP, inside its MLP: what a tile rebuilds)."""
     d = setup.act_bytes
     mask_b = 1 if setup.device == "cuda" else d  # dropout masks: bool on CUDA, the dtype on CPU
     h, i, r, t = shape.hidden, shape.intermediate, setup.rank, setup.technique
@@ -265,7 +273,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     total += d * (q + q + kv + kv) + 4 * shape.heads  # q, out, k, v + log-sum-exp
     if setup.has_mask:
         total += 2 * d * (q - kv) + d * setup.seq_len  # k/v repeated to every head + the additive mask
-    total += 3 * d * i  # gate, silu(gate), up
+    mlp = 3 * d * i  # gate, silu(gate), up
 
     needs_x = full or t in ("lora", "lora-plus", "delta-lora")
     # LoRA's dropout draws its mask again in backward (adapters.branch): it keeps x, as without dropout
@@ -275,46 +283,53 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     kept_inputs = set()
     for n in names:
         n_in, n_out = lin[n]
+        own = 0
         if dropout and t != "lora-fa":
-            total += mask_b * n_in + (d * n_in if needs_x else 0)
+            own += mask_b * n_in + (d * n_in if needs_x else 0)
         elif needs_x:
             kept_inputs.add(groups[n])
         if t == "lora-fa":
-            total += d * r + (mask_b * r if dropout else 0)
+            own += d * r + (mask_b * r if dropout else 0)
         elif t == "vera":
-            total += d * r + d * n_out
+            own += d * r + d * n_out
         elif not full:
-            total += d * r
+            own += d * r
+        if n in MLP_LINEARS:
+            mlp += own
+        else:
+            total += own
     sizes = {"in1": h, "in2": h, "act": i, "attn": 0}  # the attention output is kept by SDPA already
-    total += sum(d * sizes[g] for g in kept_inputs)
-    return total
+    total += sum(d * sizes[g] for g in kept_inputs if g in ("in1", "attn"))
+    mlp += sum(d * sizes[g] for g in kept_inputs if g in ("in2", "act"))
+    return total, mlp
 
 
 def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
-    """(kept for the whole step, what a recomputed layer adds during its backward).
+    """(kept for the whole step, what backward adds at most while it rebuilds).
 
-    Plain (not checkpointed) layers are the last ones, whose backward runs first: by the time a
-    checkpointed layer is rebuilt their activations are gone, so the rebuild only adds what it
-    needs beyond them."""
+    A tiled MLP keeps only its input (each tile's checkpoint holds its piece); backward rebuilds one
+    tile's saved tensors at a time, checkpointed layers or not. Plain (not checkpointed) layers are
+    the last ones, whose backward runs first: by the time a checkpointed layer is rebuilt their
+    activations are gone, so the rebuild only adds what it needs beyond them."""
     d, n = setup.act_bytes, setup.tokens
     layer_input = d * shape.hidden * n
-    per_layer = layer_saved_bytes_per_token(shape, setup) * n
+    outside, mlp = _saved_per_token(shape, setup)
+    per_layer, tile = (outside + mlp) * n, 0.0  # per_layer: what a layer that runs once keeps
+    if setup.mlp_tiles > 1:
+        per_layer, tile = outside * n + layer_input, mlp * n / setup.mlp_tiles
     final = (4 * shape.hidden + 4 + d * shape.hidden) * n  # final norm + the head's input
-    if setup.mlp_tiles > 1:  # the MLP keeps its input per tile; one tile's intermediates exist at a time
-        mlp = 3 * d * shape.intermediate * n
-        per_layer += layer_input - mlp + mlp / setup.mlp_tiles
     if not setup.gradient_checkpointing:
-        return int(shape.layers * per_layer + final), 0
+        return int(shape.layers * per_layer + final), int(tile)
     plain = min(setup.plain_layers, shape.layers)
     kept = plain * per_layer + final
+    if plain == shape.layers:
+        return int(kept), int(tile)
+    rebuilt = per_layer + tile
     if setup.offload:  # in host memory; the layer in backward brings its input back, and the next one's ahead
-        rebuilt = per_layer + 2 * layer_input
+        rebuilt += 2 * layer_input
     else:
         kept += checkpoint_inputs_bytes(shape, setup)
-        rebuilt = per_layer
-    if plain == shape.layers:
-        rebuilt = 0
-    return int(kept), int(max(0, rebuilt - plain * per_layer))
+    return int(kept), int(max(tile, rebuilt - plain * per_layer))
 
 
 def checkpoint_inputs_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -397,6 +412,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     layer = rebuilt + backward_work_bytes(shape, setup) + dequant_scratch_bytes(shape, setup)
     c["backward working set"] = max(loss, layer)
     notes["backward working set"] = (f"logits of {min(setup.loss_chunk or setup.tokens, setup.tokens)} tokens" if loss >= layer
+                                     else "one MLP tile recomputed + gradients through one layer"
+                                     if rebuilt and not setup.gradient_checkpointing
                                      else "one layer recomputed + its gradients" if rebuilt
                                      else "gradients through one layer (the plain layers' activations outweigh a rebuilt layer)"
                                      if setup.gradient_checkpointing and setup.plain_layers
