@@ -114,3 +114,17 @@ def test_a_second_backward_through_the_same_loss_says_why_it_cannot():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward runs once"):
         loss.backward()
+
+
+def test_bench_loss_runs_on_the_cpu_and_agrees_with_the_full_loss():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "bench_loss.py"
+    out = subprocess.run([sys.executable, str(tool), "--model", "smollm2-135m", "--tokens", "64", "--chunk", "16",
+                          "--repeats", "1", "--train-head"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"full", "checkpointed", "tinytune"}
+    assert all(float(row[-1]) < 1e-2 for row in rows.values())  # loss sum and gradients vs full logits

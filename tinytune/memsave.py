@@ -73,10 +73,10 @@ def enable_checkpointing(model, reentrant: bool = False) -> None:
 class _Saved:
     """One offloaded tensor: its host copy, and its way back once fetched."""
 
-    __slots__ = ("device", "host", "copied", "fetched", "arrived", "taken", "__weakref__")
+    __slots__ = ("device", "host", "fetched", "arrived", "taken", "__weakref__")
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.host, self.copied, self.fetched, self.arrived, self.taken = device, None, None, None, None, False
+        self.device, self.host, self.fetched, self.arrived, self.taken = device, None, None, None, False
 
 
 class HostCopies:
@@ -101,8 +101,7 @@ class HostCopies:
             self.side.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(self.side):
                 saved.host = torch.empty_like(t, device="cpu", pin_memory=True)
-                saved.host.copy_(t, non_blocking=True)
-                saved.copied = self.side.record_event()
+                saved.host.copy_(t, non_blocking=True)  # fetched later on this stream, so after this copy
             t.record_stream(self.side)  # the allocator keeps t's memory until the copy has read it
         self.order.append(weakref.ref(saved))
         return saved
@@ -112,7 +111,7 @@ class HostCopies:
             saved.fetched = saved.host
         elif self.side is None:
             saved.fetched = saved.host.to(saved.device)
-        else:  # after its copy to host: the side stream runs in order
+        else:
             with torch.cuda.stream(self.side):
                 saved.fetched = saved.host.to(saved.device, non_blocking=True)
                 saved.arrived = self.side.record_event()
