@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -123,10 +125,19 @@ def test_offload_keeps_only_host_copies_of_layer_inputs_and_fetches_each_ahead(t
     assert fetched == [e[1] for e in reversed(packed)]  # each once, in the order backward needs them
 
 
-def test_an_abandoned_offloaded_step_frees_its_copies_and_the_next_step_is_exact(tiny_model_dir):
+def test_an_abandoned_offloaded_step_frees_its_copies_and_the_next_step_is_exact(tiny_model_dir, monkeypatch):
     """Out of memory in the middle of a forward leaves copies of the first layers' inputs behind;
     they go with the failed step's graph, and the retried step computes plain training's gradients."""
     plain = lora_grads(tiny_model_dir, 16, lambda m: None)
+    packed = []
+    pack = memsave.HostCopies.pack
+
+    def spy_pack(self, t):
+        saved = pack(self, t)
+        packed.append(weakref.ref(saved))
+        return saved
+
+    monkeypatch.setattr(memsave.HostCopies, "pack", spy_pack)
     model = _offloaded_lora_model(tiny_model_dir)
     with torch.no_grad():
         for p in adapters.trainable(model):
@@ -141,9 +152,14 @@ def test_an_abandoned_offloaded_step_frees_its_copies_and_the_next_step_is_exact
     with pytest.raises(torch.OutOfMemoryError):
         train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
     mlp.forward = real
-    assert len(copies.order) == 1 and all(ref() is None for ref in copies.order)  # layer 0 had packed
+    assert len(packed) == 1 and all(ref() is None for ref in packed)  # layer 0 had packed
     loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
-    assert len(copies.order) == model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    chain, link = [], copies.last  # what backward will fetch: the new step's copies, and nothing older
+    while link is not None and (saved := link()) is not None:
+        chain.append(saved)
+        link = saved.before
+    assert len(packed) == 1 + layers and chain == [ref() for ref in reversed(packed[1:])]
     (loss_sum / n).backward()
     for name, p in model.named_parameters():
         if p.requires_grad:

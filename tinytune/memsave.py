@@ -71,12 +71,12 @@ def enable_checkpointing(model, reentrant: bool = False) -> None:
 
 
 class _Saved:
-    """One offloaded tensor: its host copy, and its way back once fetched."""
+    """One offloaded tensor: its host copy, its way back once fetched, and the one saved before it."""
 
-    __slots__ = ("device", "host", "fetched", "arrived", "taken", "__weakref__")
+    __slots__ = ("device", "before", "host", "fetched", "arrived", "__weakref__")
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.host, self.fetched, self.arrived, self.taken = device, None, None, None, False
+    def __init__(self, device: torch.device, before: weakref.ref[_Saved] | None) -> None:
+        self.device, self.before, self.host, self.fetched, self.arrived = device, before, None, None, None
 
 
 class HostCopies:
@@ -84,17 +84,16 @@ class HostCopies:
 
     On CUDA every copy runs on a side stream, ordered against the computation by events alone:
     the CPU never waits for a copy, and the computation waits only where it reads a fetched input.
-    The saved tensors are remembered in the order saved; taking one back starts fetching the one
-    saved before it, which backward (running the layers in reverse) needs next. A step that is
-    abandoned (out of memory mid-forward) frees its copies with its autograd graph."""
+    Each saved tensor knows (weakly) the one saved before it; taking one back starts fetching that
+    one, which backward (running the layers in reverse) needs next. A step that is abandoned (out
+    of memory mid-forward) frees its copies with its autograd graph."""
 
     def __init__(self, device: torch.device) -> None:
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.order: list[weakref.ref[_Saved]] = []
+        self.last: weakref.ref[_Saved] | None = None  # the latest saved
 
     def pack(self, t: torch.Tensor) -> _Saved:
-        self.order = [ref for ref in self.order if (s := ref()) is not None and not s.taken]
-        saved = _Saved(t.device)
+        saved = _Saved(t.device, self.last)
         if self.side is None or t.device.type != "cuda":
             saved.host = t.detach().to("cpu", copy=True)
         else:
@@ -103,7 +102,7 @@ class HostCopies:
                 saved.host = torch.empty_like(t, device="cpu", pin_memory=True)
                 saved.host.copy_(t, non_blocking=True)  # fetched later on this stream, so after this copy
             t.record_stream(self.side)  # the allocator keeps t's memory until the copy has read it
-        self.order.append(weakref.ref(saved))
+        self.last = weakref.ref(saved)
         return saved
 
     def _fetch(self, saved: _Saved) -> None:
@@ -123,9 +122,7 @@ class HostCopies:
             current = torch.cuda.current_stream(saved.device)
             current.wait_event(saved.arrived)
             saved.fetched.record_stream(current)  # allocated on the side stream, read on this one
-        saved.taken = True
-        position = next((i for i, ref in enumerate(self.order) if ref() is saved), 0)
-        previous = self.order[position - 1]() if position else None
+        previous = saved.before() if saved.before is not None else None
         if previous is not None and previous.fetched is None:
             self._fetch(previous)
         return saved.fetched
