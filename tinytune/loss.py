@@ -29,24 +29,22 @@ class _LossWithGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, targets, head, softcap, spans, *params):
-        want_hidden, want = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
-        wanted = [p for p, w in zip(params, want) if w]
-        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
-        grads: list[torch.Tensor | None] = [None] * len(wanted)
+        want_hidden = ctx.needs_input_grad[0]
+        wanted = [i for i, w in enumerate(ctx.needs_input_grad[5:]) if w]  # params that need a gradient
+        grads: list[torch.Tensor | None] = [torch.zeros_like(hidden) if want_hidden else None] + [None] * len(params)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start, end in spans:
             with torch.enable_grad():
                 h = hidden[start:end].detach().requires_grad_(want_hidden)
                 loss = _chunk_loss_sum(head, h, targets[start:end], softcap)
-                got = torch.autograd.grad(loss, ([h] if want_hidden else []) + wanted)
+                got = torch.autograd.grad(loss, ([h] if want_hidden else []) + [params[i] for i in wanted])
             total += loss.detach()
             if want_hidden:
-                grad_hidden[start:end] = got[0]
+                grads[0][start:end] = got[0]
                 got = got[1:]
-            for i, g in enumerate(got):
-                grads[i] = g if grads[i] is None else grads[i].add_(g)
-        it = iter(grads)
-        ctx.grads = [grad_hidden] + [(next(it) if w else None) for w in want]
+            for i, g in zip(wanted, got):
+                grads[1 + i] = g if grads[1 + i] is None else grads[1 + i].add_(g)
+        ctx.grads = grads
         return total
 
     @staticmethod
