@@ -7,11 +7,11 @@ import torch
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from tinytune import adapters, quant
+from tinytune import adapters, loading, quant
 from tinytune.config import TrainConfig
 from tinytune.loss import causal_lm_loss_sum
 from tinytune.memory import estimate as E
-from tinytune.memory.probe import saved_activation_bytes
+from tinytune.memory.probe import model_storages, saved_activation_bytes
 
 SHAPE_KW = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
 
@@ -22,10 +22,7 @@ def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dt
     model.requires_grad_(False)
     if bits != 16:
         for layer in model.model.layers:
-            for name, mod in list(layer.named_modules()):
-                if type(mod) is torch.nn.Linear:
-                    parent, _, attr = name.rpartition(".")
-                    setattr(layer.get_submodule(parent), attr, quant.quantize_linear(mod, bits, torch.device("cpu"), dtype))
+            loading.replace_linears(layer, lambda linear: quant.quantize_linear(linear, bits, torch.device("cpu"), dtype))
     adapters.apply(model, TrainConfig(technique=technique, rank=rank, alpha=2 * rank, dropout=dropout, bits=bits), 100)
     return model
 
@@ -172,9 +169,10 @@ def test_checkpointing_and_techniques_order_memory_as_expected():
 
 def _peak_live_saved_bytes(model, run) -> int:
     """The most bytes autograd holds for backward at any one time while ``run()`` runs (each storage
-    once; parameters and buffers left out). Checkpointing's recomputation keeps its tensors out of
-    these hooks, so this sees layers that are not checkpointed and the MLP tiles' own checkpoints."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    once; what the model holds anyway left out, as saved_activation_bytes does). Checkpointing's
+    recomputation keeps its tensors out of these hooks, so this sees layers that are not
+    checkpointed and the MLP tiles' own checkpoints."""
+    own = model_storages(model)
     live: dict[int, list[int]] = {}
     state = {"now": 0, "peak": 0}
 

@@ -25,14 +25,19 @@ def sample(device: torch.device) -> dict[str, float]:
     return out
 
 
+def model_storages(model: torch.nn.Module) -> set[int]:
+    """Storage addresses of what the model holds anyway: parameters, buffers, VeRA's shared matrices."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    return own | {t.untyped_storage().data_ptr() for t in getattr(model, "tinytune_shared", {}).values()}
+
+
 def saved_activation_bytes(model: torch.nn.Module, run_backward) -> int:
     """Bytes autograd keeps for backward while ``run_backward()`` runs a forward and backward.
 
     Counts each storage once and leaves out parameters, buffers and other tensors the model holds
     anyway (VeRA's shared matrices), so the figure is activations only.
     """
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    own |= {t.untyped_storage().data_ptr() for t in getattr(model, "tinytune_shared", {}).values()}
+    own = model_storages(model)
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
