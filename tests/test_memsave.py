@@ -13,20 +13,27 @@ from tinytune.config import TrainConfig
 IDS = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(0))
 
 
+def _nonzero_adapters(model) -> None:
+    with torch.no_grad():  # B starts at zero: give it values so every path carries gradient
+        for p in adapters.trainable(model):
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+
+
+def _padded_batch() -> dict[str, torch.Tensor]:
+    mask = torch.ones_like(IDS)
+    mask[1, 30:] = 0  # a padded row
+    return {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
+
+
 def lora_grads(tiny_model_dir, bits: int, setup, dropout: float = 0.0) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), bits, torch.device("cpu"))
     cfg = TrainConfig(rank=4, alpha=8, dropout=dropout, bits=bits)
     adapters.apply(model, cfg)
-    with torch.no_grad():  # B starts at zero: give it values so every path carries gradient
-        for p in adapters.trainable(model):
-            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    _nonzero_adapters(model)
     setup(model)
     model.train()
-    mask = torch.ones_like(IDS)
-    mask[1, 30:] = 0  # a padded row
-    batch = {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
-    loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+    loss_sum, n = train.forward_loss(model, _padded_batch(), torch.device("cpu"), torch.float32)
     (loss_sum / n).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -139,16 +146,12 @@ def test_an_abandoned_offloaded_step_frees_its_copies_and_the_next_step_is_exact
 
     monkeypatch.setattr(memsave.HostCopies, "pack", spy_pack)
     model = _offloaded_lora_model(tiny_model_dir)
-    with torch.no_grad():
-        for p in adapters.trainable(model):
-            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    _nonzero_adapters(model)
     copies = model.model.layers[0]._gradient_checkpointing_func.keywords["copies"]
     mlp = model.model.layers[1].mlp
     real = mlp.forward
     mlp.forward = lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("injected"))
-    mask = torch.ones_like(IDS)
-    mask[1, 30:] = 0
-    batch = {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
+    batch = _padded_batch()
     with pytest.raises(torch.OutOfMemoryError):
         train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
     mlp.forward = real
@@ -329,9 +332,7 @@ def test_checkpointed_int8_layers_keep_no_input_copies(tiny_model_dir):
                 if quant.quantized_bits(m) == 8:
                     del m.forward
         adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=8))
-        with torch.no_grad():
-            for p in adapters.trainable(model):
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+        _nonzero_adapters(model)
         memsave.enable_checkpointing(model)
         model.train()
         alive = tensors_on_autograd_contexts(model, IDS)
