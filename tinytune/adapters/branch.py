@@ -13,12 +13,15 @@ often kept by its producer anyway), x·Aᵀ (r wide) and an 8-byte seed; the bac
 mask again from the seed. The seed comes from the default CPU generator, which gradient
 checkpointing saves and restores, so a recomputed layer draws the same masks as its forward did.
 
-Under ``torch.compile`` it is a ``torch.library`` custom operator, one opaque node in the graph.
+Under ``torch.compile`` the mask is a hash of each element's index and a seed instead (see the
+compiled form below): the same memory, fused into the generated kernels. The two forms draw
+different (equally valid) masks, so a compiled run's dropout differs from an eager one's.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
@@ -57,9 +60,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
 
 class _Branch(torch.autograd.Function):
-    """Eager form: an autograd function costs no more to call than the separate operations. It keeps
-    its own forward rather than sharing the operator's setup_context: a function with a separate
-    setup_context and three outputs measured ~0.1 ms slower per call."""
+    """Eager form: an autograd function costs no more to call than the separate operations."""
 
     @staticmethod
     def forward(ctx, x, a, b, scaling: float, p: float):
@@ -73,47 +74,48 @@ class _Branch(torch.autograd.Function):
         return *_backward(grad, *ctx.saved_tensors, ctx.scaling, ctx.p), None, None
 
 
-# Compiled form: custom operators, one opaque node each for torch.compile (the eager code's private
-# generator would otherwise break graphs). Calling one costs ~0.1 ms more than the function above.
-@torch.library.custom_op("tinytune::lora_dropout_branch", mutates_args=())
-def _branch_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-               p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, a, b, scaling, p)
+# Compiled form. Inside torch.compile the eager function's private generator would break the graph,
+# and an opaque operator (tried first) keeps the compiler from fusing around it: measured on an H100,
+# Llama-3.1-8B at 2,048 tokens ran 3,723 tokens/s with it against 6,815 without dropout. Here the mask
+# is a hash of each element's index and a two-part seed: integer arithmetic that the compiler fuses
+# into the kernel that multiplies x by it. The seed is drawn with torch.rand on x's device, which the
+# compiler turns into its own generator's draw and checkpointing restores. Only the masking sits in
+# a checkpoint, so the compiler's partitioner recomputes the mask in backward (from x, kept anyway,
+# and the two seed values) instead of keeping a mask and a dropped copy; x·Aᵀ is kept as before.
+_M32 = 0xFFFFFFFF
 
 
-@_branch_op.register_fake
-def _(x, a, b, scaling, p):
-    lead = x.shape[:-1]
-    return x.new_empty(*lead, b.shape[0]), x.new_empty(*lead, a.shape[0]), torch.empty((), dtype=torch.int64)
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 values below 2**32; its constants are below 2**31 so
+    no product overflows, and eager and generated code agree bit for bit."""
+    h = h ^ (h >> 16)
+    h = (h * 0x21F0AAAD) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x735A2D97) & _M32
+    return h ^ (h >> 15)
 
 
-@torch.library.custom_op("tinytune::lora_dropout_branch_backward", mutates_args=())
-def _branch_backward_op(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, projected: torch.Tensor,
-                        seed: torch.Tensor, scaling: float, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad, x, a, b, projected, seed, scaling, p)
+def hashed_keep(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The compiled form's mask for ``x``: True where kept. ``seed``: two int64 values below 2**24."""
+    index = torch.arange(x.numel(), device=x.device).view(x.shape)
+    h = _mix32(_mix32(index ^ seed[0]) ^ seed[1])
+    return (h >> 8) >= round(p * 2**24)
 
 
-@_branch_backward_op.register_fake
-def _(grad, x, a, b, projected, seed, scaling, p):
-    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b)
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """Two 24-bit seed values from the default generator of ``device``."""
+    return (torch.rand(2, device=device) * 2**24).long()
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, a, b, scaling, p = inputs
-    _, projected, seed = output
-    ctx.save_for_backward(x, a, b, projected, seed)
-    ctx.scaling, ctx.p = scaling, p
-
-
-def _op_backward(ctx, grad, _grad_projected, _grad_seed):
-    return *_branch_backward_op(grad, *ctx.saved_tensors, ctx.scaling, ctx.p), None, None
-
-
-_branch_op.register_autograd(_op_backward, setup_context=_setup_context)
+def _compiled_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+    seed = draw_seed(x.device)
+    dropped = torch.utils.checkpoint.checkpoint(lambda x, seed: x * hashed_keep(x, p, seed), x, seed,
+                                                use_reentrant=False)
+    return ((dropped @ a.t()) * (1.0 / (1.0 - p))) @ b.t() * scaling
 
 
 def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
     """s · (dropout_p(x) · aᵀ) · bᵀ in training mode; x, a and b in one dtype."""
     if torch.compiler.is_compiling():
-        return _branch_op(x, a, b, scaling, p)[0]
+        return _compiled_branch(x, a, b, scaling, p)
     return _Branch.apply(x, a, b, scaling, p)
