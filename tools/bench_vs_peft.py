@@ -31,7 +31,7 @@ from benchkit import TINY, cap_cuda_memory, run_in_fresh_process  # noqa: E402
 
 
 def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_layers: int | None = None,
-          compile_layers: bool = True):
+          compile_layers: bool = True, dropout: float = 0.05):
     """(model, optimizer, step function) for one stack; the step returns the number of tokens."""
     import torch
     from transformers import AutoConfig
@@ -52,7 +52,7 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
 
         net.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets: the recipe upcasts
         net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=True)
-        net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+        net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
         net.train()  # what Trainer does; checkpointing only acts in training mode
         optimizer = train.make_optimizer("paged-adamw-8bit", [{"params": [p for p in net.parameters() if p.requires_grad]}],
@@ -66,7 +66,8 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
             optimizer.zero_grad(set_to_none=True)
             return seq
     else:
-        cfg = TrainConfig(technique="lora", rank=16, alpha=32, bits=4, micro_batch=1, grad_accum=1, seq_len=seq)
+        cfg = TrainConfig(technique="lora", rank=16, alpha=32, dropout=dropout, bits=4, micro_batch=1, grad_accum=1,
+                          seq_len=seq)
         shape = presets.model_shape(model) if not smoke else None
         if shape is not None:  # the planner's switches for this length (technique, rank, bits, batch pinned)
             budget = planner.Budget(int(cap_gib * GIB), "cuda", f"{cap_gib:g} GiB cap")
@@ -109,7 +110,7 @@ def run_one(spec: dict) -> dict:
     out = dict(spec)
     try:
         _, step = build(spec["stack"], spec["model"], spec["seq"], smoke, spec.get("cap") or spec.get("plan_cap", 12.0),
-                        spec.get("plain_layers"), spec.get("compile", True))
+                        spec.get("plain_layers"), spec.get("compile", True), spec.get("dropout", 0.05))
         if spec.get("warmup", True):
             step()  # warm-up (allocator, autotuning)
             if spec["stack"] == "tinytune" and spec.get("compile", True):
@@ -123,7 +124,8 @@ def run_one(spec: dict) -> dict:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), file=sys.stderr)
+            for key in ("cuda_time_total", "self_cpu_time_total"):  # where the GPU's time goes, and the CPU's
+                print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), file=sys.stderr)
         t0 = time.perf_counter()
         tokens = sum(step() for _ in range(spec.get("steps", 3)))
         if not smoke:
@@ -144,6 +146,8 @@ def spec_of(stack: str) -> dict:
     for part in parts:
         if part == "nocompile":
             spec["compile"] = False
+        elif part.startswith("drop") and part[4:].isdigit():  # drop0: no LoRA dropout, drop10: 0.10
+            spec["dropout"] = int(part[4:]) / 100
         elif part.startswith("plain") and part[5:].isdigit():
             spec["plain_layers"] = int(part[5:])
         else:
@@ -215,7 +219,7 @@ def main() -> int:
     ap.add_argument("--models", default="llama-3.1-8b,llama-3.2-1b", help="model presets, comma-separated")
     ap.add_argument("--stacks", default="peft,tinytune",
                     help="comma-separated; experiments: tinytune+nocompile, tinytune+plainN (the last N layers not "
-                    "checkpointed instead of as planned)")
+                    "checkpointed instead of as planned), STACK+dropN (LoRA dropout N/100 instead of 0.05)")
     ap.add_argument("--cap", type=float, default=12.0, help="GiB for the max-context search (default 12)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
@@ -254,7 +258,7 @@ def main() -> int:
     if not args.no_context:  # memory only, so the searches may share the GPU
         with ThreadPoolExecutor(args.context_jobs) as pool:
             for r, found in zip(rows, pool.map(search, [{k: r[k] for k in ("stack", "label", "model", "smoke", "compile",
-                                                                         "plain_layers") if k in r} for r in rows])):
+                                                                         "plain_layers", "dropout") if k in r} for r in rows])):
                 r["max_context"] = found
     for model in args.models.split(","):
         print_table(model, seq, args.cap, [r for r in rows if r["model"] == model], args.smoke)
