@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tinytune import adapters, export, loading, memsave, train
+from tinytune import adapters, export, fast, loading, memsave, train
 from tinytune.config import TrainConfig
 from tinytune.loss import causal_lm_loss_sum
 
@@ -62,12 +62,62 @@ def test_pinned_offload_and_tiles_give_the_gradients_of_plain_checkpointing(tiny
         torch.testing.assert_close(other[key], plain[key], rtol=2e-2, atol=1e-5, msg=key)
 
 
+def test_offloading_many_layers_waits_for_old_copies_and_keeps_the_gradients(monkeypatch):
+    """Eight layers, more than ``COPIES_IN_FLIGHT``: the CPU waits for the oldest copies to host
+    (at most that many outstanding after any save), and the gradients stay those of checkpointing."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    outstanding = []
+    pack = memsave.HostCopies.pack
+
+    def spy_pack(self, t):
+        saved = pack(self, t)
+        outstanding.append(len(self.copying))
+        return saved
+
+    monkeypatch.setattr(memsave.HostCopies, "pack", spy_pack)
+    ids = torch.randint(0, 1000, (1, 4096), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    grads = []
+    for setup in (memsave.enable_checkpointing, memsave.offload_checkpoints):
+        model = loading.build_random(config, 4, CUDA, torch.bfloat16)
+        adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=4))
+        with torch.no_grad():
+            for p in adapters.trainable(model):
+                p.normal_(0, 0.02, generator=torch.Generator(device=p.device).manual_seed(p.numel()))
+        setup(model)
+        model.train()
+        loss_sum, n = train.forward_loss(model, batch, CUDA, torch.bfloat16)
+        (loss_sum / n).backward()
+        grads.append({name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad})
+    assert len(outstanding) == 8 and max(outstanding) == memsave.COPIES_IN_FLIGHT
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=2e-2, atol=1e-5, msg=key)
+
+
 def test_dropout_masks_drawn_again_on_cuda_give_the_gradients_of_plain_training(tiny_model_dir):
     """LoRA's dropout branch under bf16 autocast on CUDA: checkpointed + offloaded (last layer plain)
     recomputes with the same masks as a run without checkpointing."""
     plain = lora_grads(tiny_model_dir, lambda m: None, dropout=0.2)
     other = lora_grads(tiny_model_dir, lambda m: (memsave.offload_checkpoints(m), memsave.plain_last_layers(m, 1)),
                        dropout=0.2)
+    for key in plain:
+        torch.testing.assert_close(other[key], plain[key], rtol=2e-2, atol=1e-5, msg=key)
+
+
+def test_compiled_dropout_masks_are_drawn_again_in_recomputed_layers(tiny_model_dir):
+    """Compiled by inductor (generated kernels), LoRA's index-hash dropout draws its seed from the
+    compiler's generator: checkpointed + offloaded layers (last one plain) must recompute the masks
+    of the compiled run without checkpointing."""
+    torch._dynamo.reset()
+    plain = lora_grads(tiny_model_dir, fast.compile_layers, dropout=0.2)
+    other = lora_grads(tiny_model_dir, lambda m: (memsave.offload_checkpoints(m), memsave.plain_last_layers(m, 1),
+                                                  fast.compile_layers(m)), dropout=0.2)
+    no_dropout = lora_grads(tiny_model_dir, fast.compile_layers)
+    torch._dynamo.reset()
+    assert any((plain[k] - no_dropout[k]).abs().max() > 1e-3 * no_dropout[k].abs().max() for k in plain)
     for key in plain:
         torch.testing.assert_close(other[key], plain[key], rtol=2e-2, atol=1e-5, msg=key)
 

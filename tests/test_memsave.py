@@ -64,12 +64,20 @@ def test_same_gradients_as_plain(tiny_model_dir, bits, name):
         torch.testing.assert_close(other[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize("name", ["checkpointing", "offloaded checkpoints", "compiled layers"])
+TILED = {"tiled MLP": 3, "offloaded + tiled": 4}
+
+
+@pytest.mark.parametrize("name", ["checkpointing", "offloaded checkpoints", "compiled layers", *TILED])
 def test_recomputed_layers_draw_the_same_dropout_masks(tiny_model_dir, name):
     """LoRA's dropout draws its mask from the CPU generator in forward and again in backward; a
-    recomputed layer (the generator restored by checkpointing) must draw the same ones. The tiled MLP
-    is left out: its tiles draw per tile, a different (equally valid) mask than the whole sequence."""
-    plain = lora_grads(tiny_model_dir, 4, lambda m: None, dropout=0.2)
+    recomputed layer (the generator restored by checkpointing) must draw the same ones as its first
+    forward did. A tiled MLP draws per tile (a different, equally valid mask than the whole
+    sequence's), in the first forward as in the recomputation: its reference is tiled alike, without
+    checkpointing. Compiled layers draw the index hash's masks: their reference is compiled too."""
+    compiled = "compiled" in name
+    reference = ((lambda m: fast.compile_layers(m, backend="aot_eager")) if compiled
+                 else (lambda m: memsave.tile_mlp(m, TILED[name])) if name in TILED else lambda m: None)
+    plain = lora_grads(tiny_model_dir, 4, reference, dropout=0.2)
     other = lora_grads(tiny_model_dir, 4, SETUPS[name], dropout=0.2)
     no_dropout = lora_grads(tiny_model_dir, 4, lambda m: None)
     assert any(not torch.allclose(plain[k], no_dropout[k]) for k in plain)  # dropout is really on
@@ -78,14 +86,53 @@ def test_recomputed_layers_draw_the_same_dropout_masks(tiny_model_dir, name):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_tiled_mlp_never_builds_an_intermediate_for_the_whole_sequence(tiny_model_dir, offload):
+    """Every tensor as wide as the MLP's intermediate, in forward (which offloading's reentrant
+    checkpointing runs without grad) and in backward, covers one tile of the sequence at most."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Widths(TorchDispatchMode):
+        """The sequence length of every new (batch, seq, width) tensor an operation makes."""
+
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.width, self.lengths = width, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if (isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[-1] == self.width
+                        and t.untyped_storage().data_ptr() not in inputs):  # views make nothing new
+                    self.lengths.append(t.shape[-2])
+            return out
+
+    torch.manual_seed(0)
+    model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 4, torch.device("cpu"))
+    adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.1, bits=4))
+    memsave.offload_checkpoints(model) if offload else memsave.enable_checkpointing(model)
+    memsave.tile_mlp(model, 4)
+    model.train()
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}
+    forward, backward = Widths(model.config.intermediate_size), Widths(model.config.intermediate_size)
+    with forward:
+        loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+    with backward:
+        (loss_sum / n).backward()
+    tile = IDS.shape[1] // 4
+    assert max(forward.lengths) == tile and max(backward.lengths) == tile
+
+
 def test_compiled_parts_are_captured_without_graph_breaks(tiny_model_dir):
-    """Checkpointing, offloading and tiles stay outside the compiled code, LoRA's dropout is one
-    custom operator: nothing breaks a graph."""
+    """Checkpointing, offloading and tiles stay outside the compiled code, LoRA's dropout is traced
+    (its seed, index hash and checkpointed masking): nothing breaks a graph."""
     from torch._dynamo.utils import counters
 
     counters.clear()
     torch._dynamo.reset()
-    lora_grads(tiny_model_dir, 4, SETUPS["compiled + offloaded + tiled"], dropout=0.1)  # dropout: one opaque op
+    lora_grads(tiny_model_dir, 4, SETUPS["compiled + offloaded + tiled"], dropout=0.1)  # dropout: traced, no graph break
     assert counters["stats"]["unique_graphs"] >= 3 and counters["frames"]["ok"] == counters["frames"]["total"]
     assert not counters["graph_break"], list(counters["graph_break"])
     torch._dynamo.reset()
@@ -259,6 +306,44 @@ def test_bench_vs_peft_smoke_runs_both_stacks_on_cpu(stack):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["oom"] is False and result["tokens_per_s"] > 0
+
+
+def test_peak_breakdown_replays_allocated_as_the_allocator_counts_it():
+    """A block freed while another stream still uses it stops counting at ``free_requested`` (as
+    ``max_memory_allocated`` does) but is reported as held back until ``free_completed``."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "peak_breakdown.py"
+    spec = importlib.util.spec_from_file_location("peak_breakdown", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    trace = [{"action": "alloc", "addr": 1, "size": 100}, {"action": "alloc", "addr": 2, "size": 50},
+             {"action": "free_requested", "addr": 1, "size": 100},
+             {"action": "alloc", "addr": 3, "size": 80},  # 130 allocated; block 1 held back
+             {"action": "free_completed", "addr": 1, "size": 100},
+             {"action": "free_requested", "addr": 2, "size": 50}, {"action": "free_completed", "addr": 2, "size": 50},
+             {"action": "alloc", "addr": 4, "size": 120},  # 200 allocated: the peak
+             {"action": "free_requested", "addr": 4, "size": 120}, {"action": "free_completed", "addr": 4, "size": 120}]
+    peak, live, held = tool.live_at_peak(trace)
+    assert peak == 200 and sorted(b["addr"] for b in live) == [3, 4] and held == []
+    peak, live, held = tool.live_at_peak(trace[:4])
+    assert peak == 150 and sorted(b["addr"] for b in live) == [1, 2] and held == []
+    # stop right after the third allocation: the highest total so far is 150 (blocks 1 and 2)
+    _, live, held = tool.live_at_peak(trace[:4] + [{"action": "alloc", "addr": 5, "size": 30}])
+    assert sorted(b["addr"] for b in live) == [2, 3, 5] and [b["addr"] for b in held] == [1]
+
+
+def test_peak_breakdown_smoke_runs_on_cpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "peak_breakdown.py"
+    proc = subprocess.run([sys.executable, str(tool), "--smoke", "--offload", "--tiles", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "the step runs" in proc.stdout
 
 
 def test_packed_examples_never_attend_to_each_other(tiny_model_dir):

@@ -13,19 +13,22 @@
   tensor hooks of its own, out of reach. Reentrant checkpointing needs an input that requires grad:
   the embeddings' output is made to (``enable_input_require_grads``). On CUDA the copies run on a
   stream of their own, so neither direction stalls the computation: in forward the copy to host
-  overlaps the next layers and nothing waits for it; in backward, when a layer takes its input
-  back, the input of the layer before it (the next one backward needs) starts coming back.
+  overlaps the next layers (the CPU waits only once it is ``COPIES_IN_FLIGHT`` copies ahead, since
+  each holds a layer input on the GPU until done); in backward, when a layer takes its input back,
+  the input of the layer before it (the next one backward needs) starts coming back.
 - **Plain last layers.** Checkpointing costs a second forward of each layer. Where memory is left
   over, ``plain_last_layers`` leaves the last layers out: they keep their activations and run once.
 - **Tiled MLP.** A layer recomputed in backward rebuilds its MLP's intermediates (gate, up and
   their product: 3 × tokens × intermediate, 14,336 wide for Llama-3.1-8B) for the whole sequence at
-  once. ``tile_mlp`` runs the MLP over the sequence in tiles, each under its own checkpoint, so only
-  one tile's intermediates exist at a time. The MLP is position-wise, so tiling changes nothing but
+  once, and so does the layer's first forward, which checkpointing runs without grad. ``tile_mlp``
+  runs the MLP over the sequence in tiles, each under its own checkpoint (plainly where grad is
+  off), so only one tile's intermediates exist at a time. The MLP is position-wise, so tiling changes nothing but
   the order of float additions in the weight gradients.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import weakref
 
@@ -70,6 +73,12 @@ def enable_checkpointing(model, reentrant: bool = False) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+COPIES_IN_FLIGHT = 2
+"""Copies to host the CPU may queue ahead of the GPU. Each holds its source (a layer's input) on the
+GPU until it is done, though the allocator no longer counts it: left alone, the CPU queues layers
+as far ahead as the launch queue lets it, each holding a layer input the memory budget never saw."""
+
+
 class _Saved:
     """One offloaded tensor: its host copy, its way back once fetched, and the one saved before it."""
 
@@ -86,11 +95,13 @@ class HostCopies:
     the CPU never waits for a copy, and the computation waits only where it reads a fetched input.
     Each saved tensor knows (weakly) the one saved before it; taking one back starts fetching that
     one, which backward (running the layers in reverse) needs next. A step that is abandoned (out
-    of memory mid-forward) frees its copies with its autograd graph."""
+    of memory mid-forward) frees its copies with its autograd graph. The CPU waits only where more
+    than ``COPIES_IN_FLIGHT`` copies to host are still to finish."""
 
     def __init__(self, device: torch.device) -> None:
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.last: weakref.ref[_Saved] | None = None  # the latest saved
+        self.copying: collections.deque[torch.cuda.Event] = collections.deque()  # copies to host, oldest first
 
     def pack(self, t: torch.Tensor) -> _Saved:
         saved = _Saved(t.device, self.last)
@@ -101,7 +112,10 @@ class HostCopies:
             with torch.cuda.stream(self.side):
                 saved.host = torch.empty_like(t, device="cpu", pin_memory=True)
                 saved.host.copy_(t, non_blocking=True)  # fetched later on this stream, so after this copy
+                self.copying.append(self.side.record_event())
             t.record_stream(self.side)  # the allocator keeps t's memory until the copy has read it
+            while len(self.copying) > COPIES_IN_FLIGHT:
+                self.copying.popleft().synchronize()
         self.last = weakref.ref(saved)
         return saved
 
@@ -160,10 +174,17 @@ def plain_last_layers(model, n: int) -> None:
 
 
 def _tiled(mlp_forward, tiles: int, x: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, hidden) → (batch, seq, hidden), the sequence in ``tiles`` pieces."""
-    if not torch.is_grad_enabled() or x.dim() < 3 or x.shape[-2] < 2 * tiles:
+    """x: (batch, seq, hidden) → (batch, seq, hidden), the sequence in ``tiles`` pieces.
+
+    Without grad too: a checkpointed layer's first forward runs without it, and over the whole
+    sequence its MLP would hold several tokens × intermediate tensors at once (the projections'
+    outputs, the adapters' branches, their sums), more than backward needs for a tile."""
+    if x.dim() < 3 or x.shape[-2] < 2 * tiles:
         return mlp_forward(x)
-    return torch.cat([checkpoint(mlp_forward, piece, use_reentrant=False) for piece in x.chunk(tiles, dim=-2)], dim=-2)
+    pieces = x.chunk(tiles, dim=-2)
+    if not torch.is_grad_enabled():
+        return torch.cat([mlp_forward(piece) for piece in pieces], dim=-2)
+    return torch.cat([checkpoint(mlp_forward, piece, use_reentrant=False) for piece in pieces], dim=-2)
 
 
 def tile_mlp(model, tiles: int) -> None:
