@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchkit import TINY, cap_cuda_memory, run_in_fresh_process  # noqa: E402
+from benchkit import TINY, cap_cuda_memory, run_in_fresh_process, train_step  # noqa: E402
 
 GRID = [
     # model, bits, technique, rank, micro_batch, seq_len, gradient checkpointing
@@ -103,10 +103,7 @@ def run_one(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for _ in range(spec.get("steps", 2)):
-            loss_sum, n = train.forward_loss(model, batch, device, dtype)
-            (loss_sum / max(1, n)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, batch, device, dtype)
         if device.type == "cuda":
             torch.cuda.synchronize()
             out["measured_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchkit import TINY, cap_cuda_memory, run_in_fresh_process  # noqa: E402
+from benchkit import TINY, cap_cuda_memory, run_in_fresh_process, train_step  # noqa: E402
 
 
 
@@ -90,10 +90,7 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
         def step() -> int:
-            loss_sum, n = train.forward_loss(net, batch, device, dtype)
-            (loss_sum / n).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(net, optimizer, batch, device, dtype)
             return seq
     return net, step
 

@@ -33,3 +33,13 @@ def cap_cuda_memory(gib: float) -> None:
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction((gib * GIB - CUDA_CONTEXT_BYTES) / total)
+
+
+def train_step(model, optimizer, batch: dict, device, dtype) -> None:
+    """One tinytune training step as the trainer takes it: the chunked loss, backward, the update."""
+    from tinytune import train
+
+    loss_sum, n = train.forward_loss(model, batch, device, dtype)
+    (loss_sum / max(1, n)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

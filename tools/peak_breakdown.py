@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchkit import TINY  # noqa: E402
+from benchkit import TINY, train_step  # noqa: E402
 
 MIB = 2**20
 PROJECT_FILES = ("tinytune", "transformers", "bitsandbytes", "torch/utils/checkpoint", "torch/autograd")
@@ -108,10 +108,7 @@ def main() -> int:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
     def step() -> None:
-        loss_sum, n = train.forward_loss(model, batch, device, dtype)
-        (loss_sum / n).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, batch, device, dtype)
 
     step()
     if args.smoke:
