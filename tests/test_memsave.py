@@ -308,16 +308,47 @@ def test_bench_vs_peft_smoke_runs_both_stacks_on_cpu(stack):
     assert result["oom"] is False and result["tokens_per_s"] > 0
 
 
+def _tool(name: str):
+    """A script of tools/ imported as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    sys.path.insert(0, str(tools))  # the tools import benchkit beside them
+    try:
+        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(tools))
+    return module
+
+
+def test_bench_vs_peft_takes_medians_over_rounds_and_ratios_within_each(capsys):
+    """tokens/s is the median over the runs that completed; a ratio compares runs of the same round
+    only, and its range over the rounds is printed with it."""
+    bench = _tool("bench_vs_peft")
+    spec = {"stack": "tinytune", "label": "tinytune", "model": "m", "smoke": False}
+    row = bench.merge_rounds(spec, [{**spec, "tokens_per_s": 100.0, "peak_gib": 4.0, "oom": False},
+                                    {**spec, "tokens_per_s": 120.0, "peak_gib": 4.0, "oom": False},
+                                    {**spec, "oom": True}])
+    assert row["tokens_per_s"] == 110.0 and row["tokens_per_s_range"] == [100.0, 120.0]
+    assert row["rounds"] == [100.0, 120.0, None] and row["oom"] is False
+    base = bench.merge_rounds({**spec, "stack": "peft", "label": "peft"},
+                              [{"label": "peft", "tokens_per_s": v, "peak_gib": 8.0, "oom": False} for v in (50.0, 40.0, 60.0)])
+    assert bench.speed_ratio(row, base) == (2.5, 2.0, 3.0)  # 100/50 and 120/40; round 3 ran out of memory
+    bench.print_table("m", 2048, 12.0, [base, row], smoke=False)
+    out = capsys.readouterr().out
+    assert "(100–120)" in out and "tinytune/peft: peak 0.50×, speed 2.50× (rounds 2.00–3.00×)" in out
+    failed = bench.merge_rounds(spec, [{**spec, "oom": True}, {**spec, "crash": "killed"}])
+    assert failed["oom"] is True and "tokens_per_s" not in failed and bench.speed_ratio(failed, base) is None
+
+
 def test_peak_breakdown_replays_allocated_as_the_allocator_counts_it():
     """A block freed while another stream still uses it stops counting at ``free_requested`` (as
     ``max_memory_allocated`` does) but is reported as held back until ``free_completed``."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "peak_breakdown.py"
-    spec = importlib.util.spec_from_file_location("peak_breakdown", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _tool("peak_breakdown")
     trace = [{"action": "alloc", "addr": 1, "size": 100}, {"action": "alloc", "addr": 2, "size": 50},
              {"action": "free_requested", "addr": 1, "size": 100},
              {"action": "alloc", "addr": 3, "size": 80},  # 130 allocated; block 1 held back

@@ -13,13 +13,17 @@ cap leaves room for, offloaded checkpoints with a tiled MLP where the plan needs
 
 Printed per stack: peak allocated GiB and tokens/s at ``--seq`` (uncapped, planned for the cap), and the longest context
 (batch 1) that runs under ``--cap`` GiB, found by doubling then bisecting to 512 tokens, each try in
-a fresh process capped with ``torch.cuda.set_per_process_memory_fraction``.
+a fresh process capped with ``torch.cuda.set_per_process_memory_fraction``. Speed is timed in
+``--rounds`` rounds, the stacks taking turns in each (a fresh process per run, tokens/s from the
+median of its steps): a row shows the median over the rounds and their range, a ratio the median of
+the rounds' own ratios and their range — runs on one machine drift more than the stacks differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +100,8 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
 
 
 def run_one(spec: dict) -> dict:
-    """One stack at one length in this process: peak allocated, tokens/s, or OOM."""
+    """One stack at one length in this process: peak allocated, each timed step's seconds and tokens/s
+    from their median, or OOM."""
     import torch
 
     from tinytune.config import GIB
@@ -123,12 +128,17 @@ def run_one(spec: dict) -> dict:
                 torch.cuda.synchronize()
             for key in ("cuda_time_total", "self_cpu_time_total"):  # where the GPU's time goes, and the CPU's
                 print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), file=sys.stderr)
-        t0 = time.perf_counter()
-        tokens = sum(step() for _ in range(spec.get("steps", 3)))
+        times = []
+        for _ in range(spec.get("steps", 3)):
+            t0 = time.perf_counter()
+            tokens = step()
+            if not smoke:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
         if not smoke:
-            torch.cuda.synchronize()
             out["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
-        out["tokens_per_s"] = round(tokens / (time.perf_counter() - t0), 1)
+        out["step_s"] = [round(t, 4) for t in times]
+        out["tokens_per_s"] = round(tokens / statistics.median(times), 1)
         out["oom"] = False
     except torch.OutOfMemoryError:
         out["oom"] = True
@@ -219,7 +229,9 @@ def main() -> int:
                     "checkpointed instead of as planned), STACK+dropN (LoRA dropout N/100 instead of 0.05)")
     ap.add_argument("--cap", type=float, default=12.0, help="GiB for the max-context search (default 12)")
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per run (tokens/s from their median)")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs per stack, the stacks taking turns in "
+                    "each round (tokens/s: the median over rounds; ratios: the median of each round's ratio)")
     ap.add_argument("--max-context-limit", type=int, default=65536)
     ap.add_argument("--no-context", action="store_true", help="skip the max-context search")
     ap.add_argument("--no-speed", action="store_true", help="skip the timed runs (only the max-context search)")
@@ -238,13 +250,15 @@ def main() -> int:
     limit = 1024 if args.smoke else args.max_context_limit
     rows = [{**spec_of(stack), "model": model, "smoke": args.smoke}
             for model in args.models.split(",") for stack in args.stacks.split(",")]
-    for i, spec in enumerate(rows):  # one at a time: these are the timed runs
-        if not args.no_speed:
+    runs: list[list[dict]] = [[] for _ in rows]
+    for round_ in range(0 if args.no_speed else 1 if args.smoke else max(1, args.rounds)):
+        for i, spec in enumerate(rows):  # one at a time, taking turns: these are the timed runs
             r = in_process({**spec, "seq": seq, "steps": 1 if args.smoke else args.steps, "plan_cap": args.cap,
-                            "profile": args.profile and not args.smoke})
+                            "profile": args.profile and not args.smoke and round_ == 0})
             r.pop("profile", None)
-            rows[i] = r
+            runs[i].append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
+    rows = [merge_rounds(spec, timed) for spec, timed in zip(rows, runs)]
 
     def search(spec: dict) -> int:
         if args.context_start:
@@ -264,22 +278,52 @@ def main() -> int:
     return 0
 
 
+def merge_rounds(spec: dict, timed: list[dict]) -> dict:
+    """One row from a stack's timed runs: the first run's fields, tokens/s as the median over the runs
+    that completed and their range, each run's tokens/s (None where it ran out of memory or crashed)."""
+    if not timed:
+        return spec
+    row = dict(timed[0])
+    speeds = [r.get("tokens_per_s") if not r.get("oom") and "crash" not in r else None for r in timed]
+    done = [v for v in speeds if v is not None]
+    row["rounds"] = speeds
+    if done:
+        row.pop("oom", None), row.pop("crash", None)
+        row.update(oom=False, tokens_per_s=statistics.median(done), tokens_per_s_range=[min(done), max(done)])
+    return row
+
+
+def speed_ratio(row: dict, base: dict) -> tuple[float, float, float] | None:
+    """(median, lowest, highest) over the rounds of row's tokens/s over base's in the same round."""
+    pairs = [(a, b) for a, b in zip(row.get("rounds", []), base.get("rounds", [])) if a and b]
+    if not pairs:
+        return None
+    ratios = [a / b for a, b in pairs]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def print_table(model: str, seq: int, cap: float, rows: list[dict], smoke: bool) -> None:
     print(f"\n{model}, LoRA r16 all-linear, NF4, batch 1, {seq} tokens" + (" (smoke: CPU, tiny shape)" if smoke else ""))
-    print(f"{'stack':20} {'peak GiB':>9} {'tokens/s':>10} {'max context @ ' + format(cap, 'g') + ' GiB':>20}")
+    print(f"{'stack':20} {'peak GiB':>9} {'tokens/s':>10} {'(range over rounds)':>21} "
+          f"{'max context @ ' + format(cap, 'g') + ' GiB':>20}")
     for r in rows:
         status = f"CRASH {r['crash']}" if "crash" in r else "OOM" if r.get("oom") else ""
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "—"
         tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "—"
-        print(f"{r['label']:20} {peak:>9} {tps:>10} {r.get('max_context', '—'):>20} {status}")
+        lo_hi = r.get("tokens_per_s_range")
+        spread = f"({lo_hi[0]:.0f}–{lo_hi[1]:.0f})" if lo_hi and len(r.get("rounds", [])) > 1 else ""
+        print(f"{r['label']:20} {peak:>9} {tps:>10} {spread:>21} {r.get('max_context', '—'):>20} {status}")
     base = rows[0]
-    if smoke or "tokens_per_s" not in base:
+    if smoke:
         return
     for r in rows[1:]:
-        if "tokens_per_s" in r:
-            ctx = f", context {r['max_context'] / max(1, base['max_context']):.1f}×" if "max_context" in r else ""
-            print(f"{r['label']}/{base['label']}: peak {r.get('peak_gib', 0) / max(1e-9, base.get('peak_gib', 1)):.2f}×, "
-                  f"speed {r['tokens_per_s'] / base['tokens_per_s']:.2f}×{ctx}")
+        ratio = speed_ratio(r, base)
+        peak = f"peak {r['peak_gib'] / base['peak_gib']:.2f}×" if r.get("peak_gib") and base.get("peak_gib") else ""
+        speed = (f"speed {ratio[0]:.2f}× (rounds {ratio[1]:.2f}–{ratio[2]:.2f}×)" if ratio else "")
+        ctx = (f"context {r['max_context'] / base['max_context']:.1f}×"
+               if r.get("max_context") and base.get("max_context") else "")
+        if peak or speed or ctx:
+            print(f"{r['label']}/{base['label']}: " + ", ".join(x for x in (peak, speed, ctx) if x))
     print(flush=True)
 
 
