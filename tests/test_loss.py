@@ -94,6 +94,25 @@ def test_head_runs_once_per_chunk_with_targets_and_autograd_keeps_no_logits():
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab,chunk", [(500, 1024), (2**17, 512), (2**18, 256)])
+def test_the_default_chunk_shrinks_with_the_vocabulary_as_the_estimate_counts_it(vocab, chunk):
+    """Without ``chunk`` the loss takes ``loss_chunk_tokens`` of the head's vocabulary (1,024 tokens,
+    halved while a chunk would hold more than 2**26 logits) — the chunk the memory estimate counts."""
+    from tinytune.memory.estimate import ModelShape, Setup, loss_chunk, loss_chunk_tokens
+
+    assert loss_chunk_tokens(vocab) == chunk
+    assert [loss_chunk_tokens(v) for v in (32000, 128256, 151936, 256000)] == [1024, 512, 256, 256]
+    head = torch.nn.Linear(4, vocab, bias=False).requires_grad_(False)
+    rows = []
+    head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    hidden = torch.randn(1, 1101, 4, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, 1101))
+    causal_lm_loss_sum(head, hidden, labels)
+    assert rows == [chunk] * (1100 // chunk) + ([1100 % chunk] if 1100 % chunk else [])
+    shape = ModelShape("m", "llama", 1, 4, 8, 1, 1, 4, vocab, False, 2048)
+    assert loss_chunk(shape, Setup(seq_len=1101)) == chunk
+
+
 def test_without_gradients_the_loss_is_the_same_and_nothing_is_recorded():
     torch.manual_seed(3)
     head = torch.nn.Linear(16, 100, bias=False)

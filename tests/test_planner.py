@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def plan(model: str, gib: float, seq_len: int = 2048, **fixed) -> planner.Plan:
 def test_rule_prefers_precision_then_rank_then_throughput():
     small = plan("llama-3.2-1b", 12)
     assert (small.chosen.setup.bits, small.chosen.setup.technique, small.chosen.setup.rank) == (16, "lora", 64)
-    big = plan("llama-3.1-8b", 11)
+    big = plan("llama-3.1-8b", 10)
     assert (big.chosen.setup.bits, big.chosen.setup.technique) == (4, "lora")  # 16- and 8-bit do not fit
     assert {(c.setup.bits, c.fits) for c in big.runners_up if c.setup.technique == "lora"} == {(16, False), (8, False)}
     # with the input table in host memory, 8-bit LoRA of an 8B model fits 12 GiB
@@ -47,8 +48,14 @@ def test_memory_left_over_goes_to_plain_last_layers():
     k = p.chosen.setup.plain_layers
     assert p.chosen.setup.gradient_checkpointing and 0 < k < 32 and p.chosen.fits
     assert "the last" in p.chosen.reason and p.chosen.to_dict()["plain_layers"] == k
-    one_more = plan("llama-3.1-8b", 12, plain_layers=k + 1, **fixed).chosen  # pinned: kept; fits only offloaded
-    assert one_more.setup.plain_layers == k + 1 and one_more.setup.offload and not p.chosen.setup.offload
+    assert not p.chosen.setup.offload
+    try:  # pinned: kept, whether it then fits only offloaded or not at all
+        one_more = plan("llama-3.1-8b", 12, plain_layers=k + 1, **fixed).chosen
+    except UserError as e:
+        assert f"--plain-layers {k + 1}" in str(e)
+        assert re.search(r"needs [\d.]+ GiB, [\d.]+ GiB over the [\d.]+ GiB a plan may use", str(e))  # never "-0.3 over"
+    else:
+        assert one_more.setup.plain_layers == k + 1 and one_more.setup.offload
     assert plan("llama-3.1-8b", 12, plain_layers=2, **fixed).chosen.setup.plain_layers == 2
     assert plan("llama-3.1-8b", 14, **fixed).chosen.setup.plain_layers > k
     fewer = plan("llama-3.1-8b", 12, **fixed, seq_len=4096).chosen.setup
@@ -83,7 +90,7 @@ def test_pinned_choices_are_kept_and_the_rest_planned():
     p = plan("llama-3.2-1b", 12, rank=8, bits=4, micro_batch=1)
     s = p.chosen.setup
     assert (s.rank, s.bits, s.micro_batch) == (8, 4, 1) and p.chosen.grad_accum == 8
-    with pytest.raises(UserError, match=r"with --bits 16 .*GiB over; drop a fixed choice"):
+    with pytest.raises(UserError, match=r"with --bits 16 .*GiB over the 11.40 GiB a plan may use; drop a fixed choice"):
         plan("llama-3.1-8b", 12, bits=16)
 
 

@@ -1,7 +1,8 @@
 """Causal-LM cross-entropy computed over the sequence in chunks, its gradient taken in forward.
 
 Full-vocabulary logits are the largest activation of a small model (seq × vocab × 4 bytes: 2,048
-tokens × 128,256 vocab = 1 GiB in fp32 for Llama 3). The loss runs over the tokens in chunks, and
+tokens × 128,256 vocab = 1 GiB in fp32 for Llama 3). The loss runs over the tokens in chunks (1,024
+tokens, fewer for large vocabularies: ``loss_chunk_tokens``, which the memory estimate counts too), and
 each chunk's gradient (with respect to the hidden states and any trainable head weights) is taken
 right away, in the forward pass: only one chunk's logits exist at any time, autograd keeps no
 logits at all, and the backward pass only scales the stored gradients by the incoming one. A
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tinytune.data import IGNORE
+from tinytune.memory.estimate import loss_chunk_tokens
 
 
 def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -57,13 +59,17 @@ class _LossWithGradient(torch.autograd.Function):
 
 
 def causal_lm_loss_sum(
-    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024, softcap: float | None = None
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token losses and the number of predicted tokens.
 
     hidden: (batch, seq, d) final hidden states; labels: (batch, seq) with -100 where no loss.
-    Position t predicts labels[t + 1]. ``chunk`` counts tokens per piece (0 = all at once).
+    Position t predicts labels[t + 1]. ``chunk`` counts tokens per piece (0 = all at once; None =
+    ``loss_chunk_tokens`` of the head's vocabulary, as the memory estimate counts it).
     """
+    if chunk is None:
+        chunk = loss_chunk_tokens(getattr(head, "out_features", None) or head.weight.shape[0])
     hidden = hidden[:, :-1, :]
     targets = labels[:, 1:].reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])

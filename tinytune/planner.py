@@ -93,8 +93,18 @@ class Candidate:
     reason: str = ""
 
     @property
+    def usable(self) -> int:
+        """What a plan may use of the budget: all but the safety margin."""
+        return int(self.budget * (1 - SAFETY_MARGIN))
+
+    @property
     def fits(self) -> bool:
-        return self.est.needed <= self.budget * (1 - SAFETY_MARGIN)
+        return self.est.needed <= self.usable
+
+    def shortfall(self) -> str:
+        """How far a candidate that does not fit is over what it may use."""
+        return (f"needs {self.est.needed / GIB:.2f} GiB, {(self.est.needed - self.usable) / GIB:.2f} GiB over "
+                f"the {self.usable / GIB:.2f} GiB a plan may use")
 
     @property
     def headroom(self) -> int:
@@ -260,8 +270,8 @@ def make_plan(shape: ModelShape, budget: Budget, seq_len: int, fixed: Fixed | No
         what = f"with {fixed.named()} " if fixed.named() else ""
         raise UserError(
             f"nothing fits in {gib(budget.bytes)} ({budget.source}) for {shape.name} at {seq_len} tokens {what}— the "
-            f"smallest plan ({least.label()}, micro-batch {least.setup.micro_batch}, gradient checkpointing) needs "
-            f"{gib(least.est.needed)}, {gib(least.est.needed - budget.bytes)} over; "
+            f"smallest plan ({least.label()}, micro-batch {least.setup.micro_batch}, gradient checkpointing) "
+            f"{least.shortfall()}; "
             + ("drop a fixed choice, " if what else "") + "shorten --seq-len or use a GPU with more memory"
         )
     chosen.reason = _reason(chosen, fixed)
@@ -306,7 +316,7 @@ def _runners_up(shape, budget, fixed, seq_len, chosen: Candidate, tried: list[Ca
             out.append(_best_in_family(shape, budget, fixed, seq_len, technique, bits, scale)[0])
     for c in out:
         if not c.fits:
-            c.reason = f"does not fit: needs {c.est.needed / GIB:.2f} GiB, {(c.est.needed - budget.bytes) / GIB:.2f} GiB over"
+            c.reason = f"does not fit: {c.shortfall()}"
         elif c.setup.technique == "full":
             c.reason = "fits, but full fine-tuning is only used when asked for (--technique full)"
         elif c.setup.bits < chosen.setup.bits:

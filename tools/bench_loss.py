@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, help="tokens per chunk (default: what the trainer takes for the vocabulary)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--train-head", action="store_true", help="the head weight trains too (full fine-tuning)")
     args = ap.parse_args()
@@ -42,8 +42,10 @@ def main() -> None:
 
     from tinytune import presets
     from tinytune.loss import _chunk_loss_sum, causal_lm_loss_sum
+    from tinytune.memory.estimate import loss_chunk_tokens
 
     shape = presets.model_shape(args.model)
+    args.chunk = args.chunk or loss_chunk_tokens(shape.vocab)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)

@@ -35,7 +35,8 @@ NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # driver, kernels and cuBLAS workspace: outside the allocator
 ALLOCATOR_SLACK = 0.06  # caching-allocator fragmentation: reserved ≈ 1.06 × allocated at peak
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer states for tensors smaller than this
-LOSS_CHUNK = 1024  # tokens per chunk of the output head + cross-entropy (tinytune.loss)
+LOSS_CHUNK = 1024  # most tokens per chunk of the output head + cross-entropy (tinytune.loss)
+LOSS_CHUNK_LOGITS = 2**26  # and fewer for large vocabularies: one chunk's logits stay within this many
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_TECHNIQUES = ("lora", "lora-fa", "vera", "delta-lora", "lora-plus")
@@ -111,7 +112,8 @@ class Setup:
     device: str = "cuda"
     padded: bool | None = None
     """Whether batches carry a padding mask; None = whenever micro_batch > 1."""
-    loss_chunk: int = LOSS_CHUNK
+    loss_chunk: int | None = None
+    """Tokens per chunk of the loss: None = ``loss_chunk_tokens`` of the vocabulary, 0 = all at once."""
     offload: bool = False
     """Checkpointed layer inputs in host memory (memsave.offload_checkpoints)."""
     mlp_tiles: int = 1
@@ -359,10 +361,26 @@ def backward_work_bytes(shape: ModelShape, setup: Setup) -> int:
     return int((3 * d * shape.hidden + 3 * d * shape.intermediate / max(1, setup.mlp_tiles)) * n)
 
 
+def loss_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of the loss (tinytune.loss): ``LOSS_CHUNK``, halved while a chunk's logits
+    would exceed ``LOSS_CHUNK_LOGITS`` values (≈0.9 GiB at the 14 bytes per logit a chunk holds in
+    bf16): 512 for Llama 3's 128,256-token vocabulary, 256 for Qwen2's and Gemma's."""
+    tokens = LOSS_CHUNK
+    while tokens > 64 and tokens * vocab > LOSS_CHUNK_LOGITS:
+        tokens //= 2
+    return tokens
+
+
+def loss_chunk(shape: ModelShape, setup: Setup) -> int:
+    """Tokens in the largest chunk of this setup's loss."""
+    chunk = loss_chunk_tokens(shape.vocab) if setup.loss_chunk is None else setup.loss_chunk
+    return min(chunk or setup.tokens, setup.tokens)
+
+
 def loss_bytes(shape: ModelShape, setup: Setup) -> int:
     """One chunk of logits (head output, its fp32 copy, log-softmax and its gradient), and the
     gradient of the head's input that the loss fills chunk by chunk in forward (tinytune.loss)."""
-    chunk = min(setup.loss_chunk or setup.tokens, setup.tokens)
+    chunk = loss_chunk(shape, setup)
     return chunk * shape.vocab * (setup.act_bytes + 4 + 4 + 4) + setup.tokens * shape.hidden * setup.act_bytes
 
 
@@ -411,7 +429,7 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     loss = loss_bytes(shape, setup)
     layer = rebuilt + backward_work_bytes(shape, setup) + dequant_scratch_bytes(shape, setup)
     c["backward working set"] = max(loss, layer)
-    notes["backward working set"] = (f"logits of {min(setup.loss_chunk or setup.tokens, setup.tokens)} tokens" if loss >= layer
+    notes["backward working set"] = (f"logits of {loss_chunk(shape, setup)} tokens" if loss >= layer
                                      else "one MLP tile recomputed + gradients through one layer"
                                      if rebuilt and not setup.gradient_checkpointing
                                      else "one layer recomputed + its gradients" if rebuilt
