@@ -22,8 +22,8 @@
   their product: 3 × tokens × intermediate, 14,336 wide for Llama-3.1-8B) for the whole sequence at
   once, and so does the layer's first forward, which checkpointing runs without grad. ``tile_mlp``
   runs the MLP over the sequence in tiles, each under its own checkpoint (plainly where grad is
-  off), so only one tile's intermediates exist at a time. The MLP is position-wise, so tiling changes nothing but
-  the order of float additions in the weight gradients.
+  off), so only one tile's intermediates exist at a time. The MLP is position-wise, so tiling
+  changes nothing but the order of float additions in the weight gradients.
 """
 
 from __future__ import annotations
@@ -181,10 +181,8 @@ def _tiled(mlp_forward, tiles: int, x: torch.Tensor) -> torch.Tensor:
     outputs, the adapters' branches, their sums), more than backward needs for a tile."""
     if x.dim() < 3 or x.shape[-2] < 2 * tiles:
         return mlp_forward(x)
-    pieces = x.chunk(tiles, dim=-2)
-    if not torch.is_grad_enabled():
-        return torch.cat([mlp_forward(piece) for piece in pieces], dim=-2)
-    return torch.cat([checkpoint(mlp_forward, piece, use_reentrant=False) for piece in pieces], dim=-2)
+    run = functools.partial(checkpoint, mlp_forward, use_reentrant=False) if torch.is_grad_enabled() else mlp_forward
+    return torch.cat([run(piece) for piece in x.chunk(tiles, dim=-2)], dim=-2)
 
 
 def tile_mlp(model, tiles: int) -> None:
