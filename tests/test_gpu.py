@@ -37,13 +37,17 @@ def test_chunked_loss_equals_full_loss_in_bf16():
     torch.testing.assert_close(w_chunked.float(), w_full.float(), rtol=2e-2, atol=1e-5)
 
 
+def _nonzero_adapters(model) -> None:
+    with torch.no_grad():  # B starts at zero: give it values so every path carries gradient
+        for p in adapters.trainable(model):
+            p.normal_(0, 0.02, generator=torch.Generator(device=p.device).manual_seed(p.numel()))
+
+
 def lora_grads(tiny_model_dir, setup, dropout: float = 0.0) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 4, CUDA)
     adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=dropout, bits=4))
-    with torch.no_grad():
-        for p in adapters.trainable(model):
-            p.normal_(0, 0.02, generator=torch.Generator(device=p.device).manual_seed(p.numel()))
+    _nonzero_adapters(model)
     setup(model)
     model.train()
     ids = torch.randint(3, 2000, (2, 96), generator=torch.Generator().manual_seed(0))
@@ -84,9 +88,7 @@ def test_offloading_many_layers_waits_for_old_copies_and_keeps_the_gradients(mon
     for setup in (memsave.enable_checkpointing, memsave.offload_checkpoints):
         model = loading.build_random(config, 4, CUDA, torch.bfloat16)
         adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=4))
-        with torch.no_grad():
-            for p in adapters.trainable(model):
-                p.normal_(0, 0.02, generator=torch.Generator(device=p.device).manual_seed(p.numel()))
+        _nonzero_adapters(model)
         setup(model)
         model.train()
         loss_sum, n = train.forward_loss(model, batch, CUDA, torch.bfloat16)

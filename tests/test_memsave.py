@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from tinytune import adapters, fast, loading, memsave, train
 from tinytune.config import TrainConfig
 
 IDS = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(0))
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def _nonzero_adapters(model) -> None:
@@ -298,9 +300,8 @@ def test_bench_vs_peft_smoke_runs_both_stacks_on_cpu(stack):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    bench = Path(__file__).resolve().parent.parent / "tools" / "bench_vs_peft.py"
+    bench = TOOLS / "bench_vs_peft.py"
     spec = {"stack": stack, "model": "llama-3.1-8b", "seq": 64, "steps": 1, "smoke": True}
     proc = subprocess.run([sys.executable, str(bench), "--one", json.dumps(spec)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -312,16 +313,14 @@ def _tool(name: str):
     """A script of tools/ imported as a module."""
     import importlib.util
     import sys
-    from pathlib import Path
 
-    tools = Path(__file__).resolve().parent.parent / "tools"
-    sys.path.insert(0, str(tools))  # the tools import benchkit beside them
+    sys.path.insert(0, str(TOOLS))  # the tools import benchkit beside them
     try:
-        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
-        sys.path.remove(str(tools))
+        sys.path.remove(str(TOOLS))
     return module
 
 
@@ -368,10 +367,8 @@ def test_peak_breakdown_replays_allocated_as_the_allocator_counts_it():
 def test_peak_breakdown_smoke_runs_on_cpu():
     import subprocess
     import sys
-    from pathlib import Path
 
-    tool = Path(__file__).resolve().parent.parent / "tools" / "peak_breakdown.py"
-    proc = subprocess.run([sys.executable, str(tool), "--smoke", "--offload", "--tiles", "2"],
+    proc = subprocess.run([sys.executable, str(TOOLS / "peak_breakdown.py"), "--smoke", "--offload", "--tiles", "2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "the step runs" in proc.stdout
