@@ -288,7 +288,7 @@ def merge_rounds(spec: dict, timed: list[dict]) -> dict:
     done = [v for v in speeds if v is not None]
     row["rounds"] = speeds
     if done:
-        row.pop("oom", None), row.pop("crash", None)
+        row.pop("crash", None)
         row.update(oom=False, tokens_per_s=statistics.median(done), tokens_per_s_range=[min(done), max(done)])
     return row
 

@@ -14,6 +14,7 @@ before the recording (weights, adapters, optimizer state) are one line: the base
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -107,9 +108,7 @@ def main() -> int:
     ids = torch.randint(0, shape.vocab, (1, args.seq))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
-    def step() -> None:
-        train_step(model, optimizer, batch, device, dtype)
-
+    step = functools.partial(train_step, model, optimizer, batch, device, dtype)
     step()
     if args.smoke:
         step()
