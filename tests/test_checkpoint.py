@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from tinytune import checkpoint, loading, train
+from tinytune import checkpoint, loading, optim, train
 from tinytune.cli import main
 from tinytune.config import SaveEvery, TrainConfig, parse_save_every
 from tinytune.errors import UserError
@@ -86,7 +86,8 @@ def test_parse_save_every_never_crashes(text):
 @pytest.mark.parametrize("make", [
     lambda p: bnb.optim.PagedAdamW8bit(p, lr=1e-2), lambda p: bnb.optim.PagedAdamW32bit(p, lr=1e-2),
     lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.8, 0.95)),
-], ids=["paged-adamw-8bit", "paged-adamw-32bit", "adamw"])
+    lambda p: optim.make_optimizer("paged-adamw-8bit", [{"params": p}], 1e-2, 0.0),
+], ids=["paged-adamw-8bit", "paged-adamw-32bit", "adamw", "flat-paged-adamw-8bit"])
 def test_optimizer_state_survives_json_and_safetensors(make, tmp_path):
     """A restored optimizer takes exactly the same next steps as the original (8-bit blocks included)."""
     torch.manual_seed(0)
@@ -122,6 +123,14 @@ def test_optimizer_state_survives_json_and_safetensors(make, tmp_path):
         step(ps2, opt2, k)
     for a, b in zip(ps, ps2):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
+    """Format 1 held one optimizer state per tensor; this version's optimizer works on flat groups."""
+    (tmp_path / "state.json").write_text(json.dumps({"format": 1, "step": 3}))
+    with pytest.raises(UserError, match=r"checkpoint format 1, this tinytune reads format 2; resume it with the "
+                                        r"tinytune version that wrote it"):
+        checkpoint.read(tmp_path)
 
 
 # --- kill, stop and resume ----------------------------------------------------------------------------

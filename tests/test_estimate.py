@@ -126,6 +126,29 @@ def test_weight_and_adapter_bytes_match_the_model(bits, technique):
     assert linear_bytes == pytest.approx(E.base_weight_bytes(shape, setup), rel=0.002)
 
 
+@pytest.mark.parametrize("technique,rank", [("lora", 8), ("lora-plus", 8), ("lora-fa", 8), ("vera", 8), ("lora", 1)])
+def test_optimizer_state_bytes_match_the_flat_optimizer(technique, rank):
+    """The paged 8-bit AdamW's states after a step (8-bit where a group's flat tensor reaches 4,096
+    values, else 32-bit), to within the flat tensors' alignment padding."""
+    from tinytune import optim
+
+    cfg = tiny_llama_config(num_hidden_layers=2, **SHAPE_KW)
+    model = _model(2, 4, technique, rank, 0.0, torch.float32)
+    shape, setup = E.ModelShape.from_config(cfg), E.Setup(technique=technique, rank=rank, bits=4, device="cpu")
+    tc = TrainConfig(technique=technique, rank=rank, bits=4)
+    opt = optim.make_optimizer("paged-adamw-8bit", adapters.param_groups(model, tc), 1e-4, 0.0)
+    for p in adapters.trainable(model):
+        p.grad.normal_()
+    opt.step()
+    measured = sum(t.numel() * t.element_size() for state in opt.state.values() for k, t in state.items()
+                   if k in ("state1", "state2", "absmax1", "absmax2"))
+    trainable, _, big = E.adapter_params(shape, setup)
+    padding = sum(f.flat.numel() for f in opt.flat_tensors) - trainable
+    assert 0 <= padding < optim.ALIGN * len(adapters.trainable(model))
+    assert E.optimizer_bytes(trainable, big, "paged-adamw-8bit", 4) <= measured
+    assert measured <= E.optimizer_bytes(trainable + padding, big + padding * (big > 0), "paged-adamw-8bit", 4) + 16
+
+
 def test_full_fine_tuning_counts_every_parameter():
     cfg = tiny_llama_config(num_hidden_layers=2, **SHAPE_KW)
     shape = E.ModelShape.from_config(cfg)

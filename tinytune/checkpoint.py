@@ -34,6 +34,9 @@ from tinytune import adapters, rundir
 from tinytune.errors import UserError
 
 DIRNAME = "checkpoints"
+FORMAT = 2
+"""state.json's format. 2: the optimizer's state is over flat parameter groups (``tinytune.optim``);
+format 1 held one state per tensor."""
 STEP_RE = re.compile(r"^step-(\d{8})$")
 # --- JSON skeleton + flat tensors -------------------------------------------------------------------
 
@@ -136,7 +139,7 @@ def save(run_dir: Path, step: int, model, optimizer, schedule, scaler, device: t
         rng_info, rng_tensors = rng_state(device)
         tensors.update(rng_tensors)
         state = {
-            "format": rundir.FORMAT_VERSION, "step": step, "time": time.time(), "trainer": trainer,
+            "format": FORMAT, "step": step, "time": time.time(), "trainer": trainer,
             "optimizer": skeleton, "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_info,
         }
         save_file(adapters.state(model), str(tmp / "adapter.safetensors"), metadata={"step": str(step)})
@@ -198,9 +201,9 @@ def read(path: Path) -> Checkpoint:
         state = json.loads(state_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{state_path}: unreadable ({e.__class__.__name__}); the checkpoint is damaged") from None
-    if not isinstance(state, dict) or state.get("format") != rundir.FORMAT_VERSION:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
-        raise UserError(f"{path}: checkpoint format {found!r}, this tinytune reads format {rundir.FORMAT_VERSION}; "
+        raise UserError(f"{path}: checkpoint format {found!r}, this tinytune reads format {FORMAT}; "
                         "resume it with the tinytune version that wrote it")
     tensors = {}
     for name in ("adapter.safetensors", "trainer.safetensors"):

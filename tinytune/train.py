@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from tinytune import adapters, checkpoint, data, fast, loading, memsave, planner, rundir
+from tinytune.optim import make_optimizer
 from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, GIB, TrainConfig, parse_save_every
 from tinytune.errors import UserError
 from tinytune.export import PEFT_TECHNIQUES, save_peft_adapter
@@ -33,18 +34,6 @@ from tinytune.progress import ProgressBar
 
 Listener = Callable[[dict], None]
 MAX_NONFINITE_IN_ROW = 5  # a NaN/inf loss is skipped with a warning; this many in a row means divergence
-
-
-def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``params`` are parameter groups (LoRA+ gives B its own learning rate)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    import bitsandbytes as bnb
-
-    # On a CPU bitsandbytes falls back to unpaged state (it says so on every parameter); same math.
-    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-    cls = {"paged-adamw-8bit": bnb.optim.PagedAdamW8bit, "paged-adamw-32bit": bnb.optim.PagedAdamW32bit}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def make_schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -387,7 +376,8 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     emit({"event": "plan", "run_dir": str(out), "plan": plan_record})
 
     model.train()
-    optimizer = make_optimizer(cfg.optim, adapters.param_groups(model, cfg), cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optim, adapters.param_groups(model, cfg), cfg.lr, cfg.weight_decay,
+                               flat=cfg.technique != "full")
     schedule = make_schedule(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
     eval_every = cfg.eval_every or max(1, total_steps // 4)

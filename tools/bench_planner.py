@@ -61,7 +61,7 @@ def run_one(spec: dict) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from tinytune import adapters, loading, memsave, presets, train
+    from tinytune import adapters, loading, memsave, optim, presets
     from tinytune.config import GIB, TrainConfig
     from tinytune.errors import UserError
     from tinytune.memory.estimate import ModelShape, Setup, estimate
@@ -94,7 +94,7 @@ def run_one(spec: dict) -> dict:
             memsave.checkpoint_layers(model, spec.get("offload", False), spec.get("plain", 0))
         memsave.tile_mlp(model, spec.get("mlp_tiles", 1))
         model.train()
-        optimizer = train.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
+        optimizer = optim.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
         ids = torch.randint(0, shape.vocab, (tc.micro_batch, tc.seq_len))
         mask = torch.ones_like(ids)
         if padded:

@@ -35,18 +35,19 @@ from benchkit import TINY, cap_cuda_memory, run_in_fresh_process, train_step  # 
 
 
 def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_layers: int | None = None,
-          compile_layers: bool = True, dropout: float = 0.05):
-    """(model, optimizer, step function) for one stack; the step returns the number of tokens."""
+          compile_layers: bool = True, dropout: float = 0.05, flat: bool = True, layers: int | None = None):
+    """(model, step function) for one stack; the step returns the number of tokens. ``smoke``: the
+    tiny shape on the CPU, with ``layers`` decoder layers if given (and compiled there too)."""
     import torch
     from transformers import AutoConfig
 
-    from tinytune import adapters, fast, loading, memsave, planner, presets, train
+    from tinytune import adapters, fast, loading, memsave, optim, planner, presets, train
     from tinytune.config import GIB, TrainConfig
 
     device = torch.device("cpu" if smoke else "cuda")
     name, cfg_dict = presets.model_config(model)
     if smoke:
-        cfg_dict = {**cfg_dict, **TINY}
+        cfg_dict = {**cfg_dict, **TINY, **({"num_hidden_layers": layers} if layers else {})}
     config = AutoConfig.for_model(**cfg_dict)
     dtype = loading.compute_dtype(device)
     net = loading.build_random(config, 4, device, dtype)
@@ -59,8 +60,8 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
         net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
         net.train()  # what Trainer does; checkpointing only acts in training mode
-        optimizer = train.make_optimizer("paged-adamw-8bit", [{"params": [p for p in net.parameters() if p.requires_grad]}],
-                                         2e-4, 0.0)
+        optimizer = optim.make_optimizer("paged-adamw-8bit", [{"params": [p for p in net.parameters() if p.requires_grad]}],
+                                         2e-4, 0.0, flat=False)  # the recipe: bitsandbytes' optimizer as it is
 
         def step() -> int:
             with train.autocast_for(device, dtype):
@@ -87,10 +88,10 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
             cfg.plain_layers = plain_layers
         memsave.checkpoint_layers(net, cfg.offload_checkpoints, cfg.plain_layers)
         memsave.tile_mlp(net, cfg.mlp_tiles)
-        if compile_layers and fast.can_compile(device):  # as the trainer does by default
+        if compile_layers and (fast.can_compile(device) or layers):  # as the trainer does by default on CUDA
             fast.compile_layers(net)
         net.train()
-        optimizer = train.make_optimizer("paged-adamw-8bit", adapters.param_groups(net, cfg), 2e-4, 0.0)
+        optimizer = optim.make_optimizer("paged-adamw-8bit", adapters.param_groups(net, cfg), 2e-4, 0.0, flat=flat)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
         def step() -> int:
@@ -111,8 +112,11 @@ def run_one(spec: dict) -> dict:
         cap_cuda_memory(spec["cap"])
     out = dict(spec)
     try:
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
         _, step = build(spec["stack"], spec["model"], spec["seq"], smoke, spec.get("cap") or spec.get("plan_cap", 12.0),
-                        spec.get("plain_layers"), spec.get("compile", True), spec.get("dropout", 0.05))
+                        spec.get("plain_layers"), spec.get("compile", True), spec.get("dropout", 0.05),
+                        spec.get("flat", True), spec.get("layers"))
         if spec.get("warmup", True):
             step()  # warm-up (allocator, autotuning)
             if spec["stack"] == "tinytune" and spec.get("compile", True):
@@ -153,6 +157,8 @@ def spec_of(stack: str) -> dict:
     for part in parts:
         if part == "nocompile":
             spec["compile"] = False
+        elif part == "pertensor":  # bitsandbytes' optimizer over each tensor, not over flat groups
+            spec["flat"] = False
         elif part.startswith("drop") and part[4:].isdigit():  # drop0: no LoRA dropout, drop10: 0.10
             spec["dropout"] = int(part[4:]) / 100
         elif part.startswith("plain") and part[5:].isdigit():
@@ -225,8 +231,9 @@ def main() -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--models", default="llama-3.1-8b,llama-3.2-1b", help="model presets, comma-separated")
     ap.add_argument("--stacks", default="peft,tinytune",
-                    help="comma-separated; experiments: tinytune+nocompile, tinytune+plainN (the last N layers not "
-                    "checkpointed instead of as planned), STACK+dropN (LoRA dropout N/100 instead of 0.05)")
+                    help="comma-separated; experiments: tinytune+nocompile, tinytune+pertensor (the optimizer over "
+                    "each tensor), tinytune+plainN (the last N layers not checkpointed instead of as planned), "
+                    "STACK+dropN (LoRA dropout N/100 instead of 0.05)")
     ap.add_argument("--cap", type=float, default=12.0, help="GiB for the max-context search (default 12)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run (tokens/s from their median)")

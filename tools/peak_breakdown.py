@@ -83,7 +83,7 @@ def main() -> int:
     import torch
     from transformers import AutoConfig
 
-    from tinytune import adapters, loading, memsave, presets, train
+    from tinytune import adapters, loading, memsave, optim, presets
     from tinytune.config import GIB, TrainConfig
     from tinytune.memory.estimate import ModelShape, Setup, estimate
 
@@ -104,7 +104,7 @@ def main() -> int:
     memsave.checkpoint_layers(model, args.offload, args.plain)
     memsave.tile_mlp(model, args.tiles)
     model.train()
-    optimizer = train.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
+    optimizer = optim.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
     ids = torch.randint(0, shape.vocab, (1, args.seq))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 

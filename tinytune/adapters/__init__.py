@@ -99,8 +99,9 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What ``load_state`` restores, detached and on the CPU."""
-    return {k: t.detach().to("cpu").contiguous() for k, t in _tensors(model).items()}
+    """What ``load_state`` restores, detached, on the CPU and each in its own memory (the optimizer may
+    hold trainable tensors as views of one flat tensor)."""
+    return {k: t.detach().to("cpu", copy=True).contiguous() for k, t in _tensors(model).items()}
 
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

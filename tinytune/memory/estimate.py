@@ -214,7 +214,9 @@ def host_embeddings(shape: ModelShape, setup: Setup) -> bool:
 
 
 def adapter_params(shape: ModelShape, setup: Setup) -> tuple[int, int, int]:
-    """(trainable, stored fp32, tensors ≥ bitsandbytes' 8-bit threshold among the trainable)."""
+    """(trainable, stored fp32, trainable in tensors ≥ bitsandbytes' 8-bit threshold). The optimizer
+    updates each group's adapter tensors as one flat tensor (``tinytune.optim``), so the threshold
+    applies to a group's total: LoRA+ has two groups (A, and B at a higher learning rate)."""
     lin = shape.linears()
     names = setup.adapted(shape)
     r = setup.rank
@@ -224,19 +226,18 @@ def adapter_params(shape: ModelShape, setup: Setup) -> tuple[int, int, int]:
         trainable = shape.layers * sum(lin[n][1] + r for n in names)
         max_in = max(lin[n][0] for n in names)
         max_out = max(lin[n][1] for n in names)
-        big = shape.layers * sum(lin[n][1] for n in names if lin[n][1] >= BNB_8BIT_MIN_SIZE)
-        return trainable, trainable + r * (max_in + max_out), big
-    per = {n: r * (lin[n][0] + lin[n][1]) for n in names}
-    stored = shape.layers * sum(per.values())
-    if setup.technique == "lora-fa":
-        trainable = shape.layers * sum(r * lin[n][1] for n in names)
-        big = shape.layers * sum(r * lin[n][1] for n in names if r * lin[n][1] >= BNB_8BIT_MIN_SIZE)
-    else:
-        trainable = stored
-        big = shape.layers * sum(r * f for n in names for f in lin[n] if r * f >= BNB_8BIT_MIN_SIZE)
+        return trainable, trainable + r * (max_in + max_out), _flat_8bit([trainable])
+    groups = [shape.layers * sum(r * lin[n][0] for n in names), shape.layers * sum(r * lin[n][1] for n in names)]
+    stored = sum(groups)
+    trainable = groups[1] if setup.technique == "lora-fa" else stored
+    big = _flat_8bit(groups if setup.technique == "lora-plus" else [trainable])
     if setup.technique == "delta-lora":
         stored *= 2  # the A/B snapshot W's follow term starts from
     return trainable, stored, big
+
+
+def _flat_8bit(groups: list[int]) -> int:
+    return sum(n for n in groups if n >= BNB_8BIT_MIN_SIZE)
 
 
 def optimizer_bytes(trainable: int, big: int, optim: str, param_bytes: int) -> int:
