@@ -68,7 +68,9 @@ def test_pinned_offload_and_tiles_give_the_gradients_of_plain_checkpointing(tiny
 
 def test_offloading_many_layers_waits_for_old_copies_and_keeps_the_gradients(monkeypatch):
     """Eight layers, more than ``COPIES_IN_FLIGHT``: the CPU waits for the oldest copies to host
-    (at most that many outstanding after any save), and the gradients stay those of checkpointing."""
+    (at most that many outstanding after any save); in backward it waits until the GPU has begun the
+    layer handed out before (at most ``FETCHES_AHEAD`` inputs handed out ahead of it after any
+    fetch); and the gradients stay those of checkpointing."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
@@ -81,7 +83,16 @@ def test_offloading_many_layers_waits_for_old_copies_and_keeps_the_gradients(mon
         outstanding.append(len(self.copying))
         return saved
 
+    handed = []
+    unpack = memsave.HostCopies.unpack
+
+    def spy_unpack(self, saved):
+        t = unpack(self, saved)
+        handed.append(len(self.handed))
+        return t
+
     monkeypatch.setattr(memsave.HostCopies, "pack", spy_pack)
+    monkeypatch.setattr(memsave.HostCopies, "unpack", spy_unpack)
     ids = torch.randint(0, 1000, (1, 4096), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     grads = []
@@ -95,6 +106,7 @@ def test_offloading_many_layers_waits_for_old_copies_and_keeps_the_gradients(mon
         (loss_sum / n).backward()
         grads.append({name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad})
     assert len(outstanding) == 8 and max(outstanding) == memsave.COPIES_IN_FLIGHT
+    assert len(handed) == 8 and max(handed) == memsave.FETCHES_AHEAD
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=2e-2, atol=1e-5, msg=key)
 

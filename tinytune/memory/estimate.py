@@ -328,8 +328,8 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     if plain == shape.layers:
         return int(kept), int(tile)
     rebuilt = per_layer + tile
-    if setup.offload:  # in host memory; the layer in backward brings its input back, and the next one's ahead
-        rebuilt += 2 * layer_input
+    if setup.offload:  # in host memory; in backward: the input the GPU is finishing with, the one taken back,
+        rebuilt += 3 * layer_input  # the one coming (memsave.FETCHES_AHEAD)
     else:
         kept += checkpoint_inputs_bytes(shape, setup)
     return int(kept), int(max(tile, rebuilt - plain * per_layer))
