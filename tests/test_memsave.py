@@ -155,3 +155,348 @@ def test_a_compiled_layer_is_entered_once_per_pass(tiny_model_dir, name):
     layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
     assert len(entries) == 2 * layers
     torch._dynamo.reset()
+
+
+def _offloaded_lora_model(tiny_model_dir):
+    torch.manual_seed(0)
+    model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 16, torch.device("cpu"))
+    adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=16))
+    memsave.offload_checkpoints(model)
+    model.train()
+    return model
+
+
+def test_offload_keeps_only_host_copies_of_layer_inputs_and_fetches_each_ahead(tiny_model_dir, monkeypatch):
+    """Under offloading, what autograd keeps between forward and backward for the decoder layers is
+    a host copy of their inputs; nothing of a layer's inside survives the forward. Backward takes
+    them back last first, and every one but the first has been fetched already, by the layer after."""
+    model = _offloaded_lora_model(tiny_model_dir)
+    events = []
+    cls = memsave.HostCopies
+    pack, fetch, unpack = cls.pack, cls._fetch, cls.unpack
+
+    def spy_pack(self, t):
+        saved = pack(self, t)
+        events.append(("pack", saved, tuple(t.shape), t.data_ptr()))
+        return saved
+
+    monkeypatch.setattr(cls, "pack", spy_pack)
+    monkeypatch.setattr(cls, "_fetch", lambda self, s: (events.append(("fetch", s)), fetch(self, s))[1])
+    monkeypatch.setattr(cls, "unpack", lambda self, s: (events.append(("unpack", s, s.fetched is not None)),
+                                                       unpack(self, s))[1])
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}
+    loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    packed = [e for e in events if e[0] == "pack"]
+    assert [e[2] for e in packed] == [(2, 48, hidden)] * layers  # one input per layer, nothing else
+    assert all(e[1].host.data_ptr() != e[3] for e in packed)  # copies, not the tensors themselves
+    (loss_sum / n).backward()
+    unpacked = [e for e in events if e[0] == "unpack"]
+    assert [e[1] for e in unpacked] == [e[1] for e in reversed(packed)]
+    assert [e[2] for e in unpacked] == [False] + [True] * (layers - 1)
+    fetched = [e[1] for e in events if e[0] == "fetch"]
+    assert fetched == [e[1] for e in reversed(packed)]  # each once, in the order backward needs them
+
+
+def test_an_abandoned_offloaded_step_frees_its_copies_and_the_next_step_is_exact(tiny_model_dir, monkeypatch):
+    """Out of memory in the middle of a forward leaves copies of the first layers' inputs behind;
+    they go with the failed step's graph, and the retried step computes plain training's gradients."""
+    plain = lora_grads(tiny_model_dir, 16, lambda m: None)
+    packed = []
+    pack = memsave.HostCopies.pack
+
+    def spy_pack(self, t):
+        saved = pack(self, t)
+        packed.append(weakref.ref(saved))
+        return saved
+
+    monkeypatch.setattr(memsave.HostCopies, "pack", spy_pack)
+    model = _offloaded_lora_model(tiny_model_dir)
+    _nonzero_adapters(model)
+    copies = model.model.layers[0]._gradient_checkpointing_func.keywords["copies"]
+    mlp = model.model.layers[1].mlp
+    real = mlp.forward
+    mlp.forward = lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("injected"))
+    batch = _padded_batch()
+    with pytest.raises(torch.OutOfMemoryError):
+        train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+    mlp.forward = real
+    assert len(packed) == 1 and all(ref() is None for ref in packed)  # layer 0 had packed
+    loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+    layers = model.config.num_hidden_layers
+    chain, link = [], copies.last  # what backward will fetch: the new step's copies, and nothing older
+    while link is not None and (saved := link()) is not None:
+        chain.append(saved)
+        link = saved.before
+    assert len(packed) == 1 + layers and chain == [ref() for ref in reversed(packed[1:])]
+    (loss_sum / n).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_plain_last_layers_run_once_and_the_others_twice(tiny_model_dir):
+    """With one plain layer, the last decoder layer's forward runs once per step; the checkpointed
+    ones run again in backward. All plain would be the same as no checkpointing."""
+    calls: dict[int, int] = {}
+
+    def count(model):
+        memsave.enable_checkpointing(model)
+        memsave.plain_last_layers(model, 1)
+        for i, layer in enumerate(loading.decoder_layers(model)):
+            layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+
+    lora_grads(tiny_model_dir, 16, count)
+    last = max(calls)
+    assert calls[last] == 1 and all(calls[i] == 2 for i in range(last)), calls
+
+
+def test_the_estimator_knows_plain_layers():
+    """A plain layer keeps its whole saved set instead of its input; the rebuilt layer no longer adds
+    to the peak once the plain layers' sets outweigh it (they are freed before any rebuild)."""
+    from tinytune import presets
+    from tinytune.memory.estimate import Setup, estimate, layer_saved_bytes_per_token
+
+    shape = presets.model_shape("llama-3.1-8b")
+    tokens = 2048
+    per_layer = layer_saved_bytes_per_token(shape, Setup(seq_len=tokens)) * tokens
+    layer_input = 2 * shape.hidden * tokens
+    base = estimate(shape, Setup(seq_len=tokens))
+    for k in (1, 5, 31):
+        est = estimate(shape, Setup(seq_len=tokens, plain_layers=k))
+        grown = est.components["activations"] - base.components["activations"]
+        assert grown == pytest.approx(k * (per_layer - layer_input), abs=2)
+        assert "the last" in est.notes["activations"]
+    assert estimate(shape, Setup(seq_len=tokens, plain_layers=32)).components["activations"] == pytest.approx(
+        estimate(shape, Setup(seq_len=tokens, gradient_checkpointing=False)).components["activations"], abs=2)
+    # offloaded: the one plain layer's set is gone before the first rebuild, which peaks as high;
+    # a second plain layer adds its set less the inputs a rebuild has on the GPU (memsave.FETCHES_AHEAD)
+    off = [estimate(shape, Setup(seq_len=tokens, offload=True, plain_layers=k, loss_chunk=64)).peak for k in (0, 1, 2)]
+    assert off[1] == off[0] and off[2] - off[1] == pytest.approx(per_layer - 3 * layer_input, abs=2)
+
+
+def test_the_estimator_knows_both_switches():
+    from tinytune import presets
+    from tinytune.memory.estimate import Setup, estimate, host_offload_bytes
+
+    shape = presets.model_shape("llama-3.1-8b")
+    base = Setup(seq_len=16384, gradient_checkpointing=True)
+    plain = estimate(shape, base)
+    off = estimate(shape, Setup(seq_len=16384, gradient_checkpointing=True, offload=True))
+    inputs = shape.layers * 2 * shape.hidden * 16384
+    assert plain.components["activations"] - off.components["activations"] == inputs
+    assert host_offload_bytes(shape, off.setup) == inputs and "offloaded to host" in off.notes["activations"]
+    tiled = estimate(shape, Setup(seq_len=16384, gradient_checkpointing=True, mlp_tiles=8))
+    # 7/8 of what a rebuilt MLP keeps (gate, silu(gate), up; the inputs of its LoRA branches, x·A of
+    # each) and of the intermediates' gradients go; each tile's checkpoint keeps its input
+    h, i, r, n = shape.hidden, shape.intermediate, base.rank, 16384
+    rebuilt_mlp = 2 * (3 * i + h + i + 3 * r) * n
+    saved = (rebuilt_mlp + 2 * 3 * i * n) * 7 / 8 - 2 * h * n
+    assert plain.components["backward working set"] - tiled.components["backward working set"] == pytest.approx(saved, rel=1e-6)
+
+
+def test_a_run_with_both_switches(tiny_model_dir, demo_file, tmp_path):
+    import json
+
+    from tinytune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(out), "--max-steps", "2",
+                 "--rank", "4", "--seq-len", "128", "--no-sample", "--offload-checkpoints", "--mlp-tiles", "2",
+                 "--vram", "2GB"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert config["offload_checkpoints"] and config["mlp_tiles"] == 2 and config["gradient_checkpointing"]
+    assert plan["offload_checkpoints"] and plan["mlp_tiles"] == 2 and plan["gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("stack", ["peft", "tinytune"])
+def test_bench_vs_peft_smoke_runs_both_stacks_on_cpu(stack):
+    """The comparison benchmark's code path (the PEFT recipe and ours on one random NF4 model) works
+    without a GPU (it measures nothing there)."""
+    import json
+    import subprocess
+    import sys
+
+    bench = TOOLS / "bench_vs_peft.py"
+    spec = {"stack": stack, "model": "llama-3.1-8b", "seq": 64, "steps": 1, "smoke": True}
+    proc = subprocess.run([sys.executable, str(bench), "--one", json.dumps(spec)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["oom"] is False and result["tokens_per_s"] > 0
+
+
+def _tool(name: str):
+    """A script of tools/ imported as a module."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(TOOLS))  # the tools import benchkit beside them
+    try:
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(TOOLS))
+    return module
+
+
+def test_bench_vs_peft_takes_medians_over_rounds_and_ratios_within_each(capsys):
+    """tokens/s is the median over the runs that completed; a ratio compares runs of the same round
+    only, and its range over the rounds is printed with it."""
+    bench = _tool("bench_vs_peft")
+    spec = {"stack": "tinytune", "label": "tinytune", "model": "m", "smoke": False}
+    row = bench.merge_rounds(spec, [{**spec, "tokens_per_s": 100.0, "peak_gib": 4.0, "oom": False},
+                                    {**spec, "tokens_per_s": 120.0, "peak_gib": 4.0, "oom": False},
+                                    {**spec, "oom": True}])
+    assert row["tokens_per_s"] == 110.0 and row["tokens_per_s_range"] == [100.0, 120.0]
+    assert row["rounds"] == [100.0, 120.0, None] and row["oom"] is False
+    base = bench.merge_rounds({**spec, "stack": "peft", "label": "peft"},
+                              [{"label": "peft", "tokens_per_s": v, "peak_gib": 8.0, "oom": False} for v in (50.0, 40.0, 60.0)])
+    assert bench.speed_ratio(row, base) == (2.5, 2.0, 3.0)  # 100/50 and 120/40; round 3 ran out of memory
+    bench.print_table("m", 2048, 12.0, [base, row], smoke=False)
+    out = capsys.readouterr().out
+    assert "(100–120)" in out and "tinytune/peft: peak 0.50×, speed 2.50× (rounds 2.00–3.00×)" in out
+    failed = bench.merge_rounds(spec, [{**spec, "oom": True}, {**spec, "crash": "killed"}])
+    assert failed["oom"] is True and "tokens_per_s" not in failed and bench.speed_ratio(failed, base) is None
+
+
+def test_peak_breakdown_replays_allocated_as_the_allocator_counts_it():
+    """A block freed while another stream still uses it stops counting at ``free_requested`` (as
+    ``max_memory_allocated`` does) but is reported as held back until ``free_completed``."""
+    tool = _tool("peak_breakdown")
+    trace = [{"action": "alloc", "addr": 1, "size": 100}, {"action": "alloc", "addr": 2, "size": 50},
+             {"action": "free_requested", "addr": 1, "size": 100},
+             {"action": "alloc", "addr": 3, "size": 80},  # 130 allocated; block 1 held back
+             {"action": "free_completed", "addr": 1, "size": 100},
+             {"action": "free_requested", "addr": 2, "size": 50}, {"action": "free_completed", "addr": 2, "size": 50},
+             {"action": "alloc", "addr": 4, "size": 120},  # 200 allocated: the peak
+             {"action": "free_requested", "addr": 4, "size": 120}, {"action": "free_completed", "addr": 4, "size": 120}]
+    peak, live, held = tool.live_at_peak(trace)
+    assert peak == 200 and sorted(b["addr"] for b in live) == [3, 4] and held == []
+    peak, live, held = tool.live_at_peak(trace[:4])
+    assert peak == 150 and sorted(b["addr"] for b in live) == [1, 2] and held == []
+    # stop right after the third allocation: the highest total so far is 150 (blocks 1 and 2)
+    _, live, held = tool.live_at_peak(trace[:4] + [{"action": "alloc", "addr": 5, "size": 30}])
+    assert sorted(b["addr"] for b in live) == [2, 3, 5] and [b["addr"] for b in held] == [1]
+
+
+def test_peak_breakdown_smoke_runs_on_cpu():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(TOOLS / "peak_breakdown.py"), "--smoke", "--offload", "--tiles", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "the step runs" in proc.stdout
+
+
+def test_packed_examples_never_attend_to_each_other(tiny_model_dir):
+    """Each example's logits inside a packed row equal its logits alone, and the packed loss is the
+    sum of the examples' losses."""
+    from tinytune import data
+    from tinytune.loss import causal_lm_loss_sum
+
+    torch.manual_seed(0)
+    model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 16, torch.device("cpu")).eval()
+    gen = torch.Generator().manual_seed(1)
+    examples = [data.Example(ids, ids) for ids in (torch.randint(3, 2000, (n,), generator=gen).tolist() for n in (9, 14, 5, 11))]
+    (row,) = data.pack(examples, seq_len=64, seed=0)
+    batch = data.collate([row], pad_id=2)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
+        total = 0.0
+        for a, b in zip(starts, starts[1:]):
+            ids = torch.tensor([row.input_ids[a:b]])
+            alone = model(input_ids=ids).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, rtol=1e-4, atol=1e-4)
+            loss, _ = causal_lm_loss_sum(model.get_output_embeddings(), model.get_decoder()(input_ids=ids).last_hidden_state, ids)
+            total += float(loss)
+        loss_packed, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+    assert n == sum(len(e.input_ids) - 1 for e in examples)
+    assert float(loss_packed) == pytest.approx(total, rel=1e-5)
+
+
+def test_a_packed_run(tiny_model_dir, demo_file, tmp_path, capsys):
+    from tinytune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(out), "--max-steps", "2",
+                 "--rank", "4", "--seq-len", "256", "--batch", "2", "--grad-accum", "1", "--no-sample", "--pack"]) == 0
+    said = capsys.readouterr().out
+    assert "packed 46 train examples into" in said and "rows of ≤256 tokens" in said
+
+
+def tensors_on_autograd_contexts(model, ids) -> int:
+    """Tensors that custom autograd functions keep as attributes of their context (invisible to
+    saved-tensor hooks, so out of checkpointing's reach), between forward and backward. The loss's
+    own node is left out: it keeps the gradient of its input by design (tinytune.loss)."""
+    loss_sum, n = train.forward_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
+                                     torch.device("cpu"), torch.float32)
+    seen, todo, kept = set(), [loss_sum.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in () if type(node).__name__ == "_LossWithGradientBackward" else getattr(node, "__dict__", {}).values():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            kept += sum(torch.is_tensor(v) for v in values)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    (loss_sum / n).backward()
+    return kept
+
+
+def test_checkpointed_int8_layers_keep_no_input_copies(tiny_model_dir):
+    """bitsandbytes' int8 matmul keeps its (flattened) input on its autograd context, out of
+    checkpointing's reach; the frozen int8 path keeps none, and gives bitsandbytes' gradients."""
+    from tinytune import quant
+
+    grads = {}
+    for name in ("bitsandbytes", "frozen int8"):
+        torch.manual_seed(0)
+        model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 8, torch.device("cpu"))
+        if name == "bitsandbytes":  # undo the frozen path: bitsandbytes' own forward
+            for m in model.modules():
+                if quant.quantized_bits(m) == 8:
+                    del m.forward
+        adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=8))
+        _nonzero_adapters(model)
+        memsave.enable_checkpointing(model)
+        model.train()
+        alive = tensors_on_autograd_contexts(model, IDS)
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        n_int8 = sum(quant.quantized_bits(m) == 8 for m in model.modules())
+        assert alive == (n_int8 if name == "bitsandbytes" else 0), (name, alive, n_int8)
+    for key, g in grads["bitsandbytes"].items():  # bitsandbytes computes this gradient in fp16
+        torch.testing.assert_close(grads["frozen int8"][key], g, rtol=2e-2, atol=2e-5, msg=key)
+
+
+def test_host_embedding_gives_the_same_losses_and_gradients(tiny_model_dir):
+    """The table moves out of the parameters; lookups, logits and adapter gradients stay the same.
+    (On CUDA the rows travel to the GPU; tests/test_gpu.py runs that.)"""
+    plain = lora_grads(tiny_model_dir, 16, lambda m: None)
+
+    def host(model):
+        emb = model.get_input_embeddings()
+        model.set_input_embeddings(memsave.HostEmbedding(emb, torch.device("cpu")))
+        assert not any(p is emb.weight for p in model.parameters())
+
+    moved = lora_grads(tiny_model_dir, 16, host)
+    for key in plain:
+        torch.testing.assert_close(moved[key], plain[key], rtol=1e-6, atol=0, msg=key)
+
+
+def test_host_embeddings_apply_only_to_untied_frozen_tables_on_cuda():
+    from tinytune.memory.estimate import Setup, estimate
+    from tinytune.presets import model_shape
+
+    assert memsave.host_embeddings_apply(tied=False, technique="lora", device_type="cuda")
+    assert not memsave.host_embeddings_apply(tied=True, technique="lora", device_type="cuda")
+    assert not memsave.host_embeddings_apply(tied=False, technique="full", device_type="cuda")
+    assert not memsave.host_embeddings_apply(tied=False, technique="lora", device_type="cpu")
+    shape = model_shape("llama-3.1-8b")
+    on_gpu = estimate(shape, Setup(device="cuda")).components["embeddings, norms, head"]
+    full = estimate(shape, Setup(device="cuda", technique="full", bits=16)).components["embeddings, norms, head"]
+    assert full - on_gpu == shape.vocab * shape.hidden * 2  # the 1 GiB bf16 input table
