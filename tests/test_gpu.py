@@ -66,6 +66,19 @@ def test_pinned_offload_and_tiles_give_the_gradients_of_plain_checkpointing(tiny
         torch.testing.assert_close(other[key], plain[key], rtol=2e-2, atol=1e-5, msg=key)
 
 
+def _queue_lengths(monkeypatch, method: str, queue: str) -> list[int]:
+    """The length of ``HostCopies.<queue>`` after every call of ``HostCopies.<method>``."""
+    lengths, real = [], getattr(memsave.HostCopies, method)
+
+    def spy(self, arg):
+        out = real(self, arg)
+        lengths.append(len(getattr(self, queue)))
+        return out
+
+    monkeypatch.setattr(memsave.HostCopies, method, spy)
+    return lengths
+
+
 def test_offloading_many_layers_waits_for_old_copies_and_keeps_the_gradients(monkeypatch):
     """Eight layers, more than ``COPIES_IN_FLIGHT``: the CPU waits for the oldest copies to host
     (at most that many outstanding after any save); in backward it waits until the GPU has begun the
@@ -75,24 +88,8 @@ def test_offloading_many_layers_waits_for_old_copies_and_keeps_the_gradients(mon
 
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    outstanding = []
-    pack = memsave.HostCopies.pack
-
-    def spy_pack(self, t):
-        saved = pack(self, t)
-        outstanding.append(len(self.copying))
-        return saved
-
-    handed = []
-    unpack = memsave.HostCopies.unpack
-
-    def spy_unpack(self, saved):
-        t = unpack(self, saved)
-        handed.append(len(self.handed))
-        return t
-
-    monkeypatch.setattr(memsave.HostCopies, "pack", spy_pack)
-    monkeypatch.setattr(memsave.HostCopies, "unpack", spy_unpack)
+    outstanding = _queue_lengths(monkeypatch, "pack", "copying")
+    handed = _queue_lengths(monkeypatch, "unpack", "handed")
     ids = torch.randint(0, 1000, (1, 4096), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     grads = []
