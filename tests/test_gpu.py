@@ -37,6 +37,20 @@ def test_chunked_loss_equals_full_loss_in_bf16():
     torch.testing.assert_close(w_chunked.float(), w_full.float(), rtol=2e-2, atol=1e-5)
 
 
+def test_the_loss_with_host_labels_never_waits_for_the_device():
+    """The trainer passes labels from the host: counting each chunk's predicted tokens reads no device
+    memory, so the forward's kernels queued before the loss need not finish first."""
+    head = torch.nn.Linear(256, 32000, bias=False, device=CUDA, dtype=torch.bfloat16)
+    hidden = torch.randn(1, 3000, 256, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 32000, (1, 3000))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, n = causal_lm_loss_sum(head.requires_grad_(True), hidden, labels, chunk=512)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert n == 2999 and loss.device == CUDA
+
+
 def _nonzero_adapters(model) -> None:
     with torch.no_grad():  # B starts at zero: give it values so every path carries gradient
         for p in adapters.trainable(model):

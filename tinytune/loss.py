@@ -64,9 +64,11 @@ def causal_lm_loss_sum(
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token losses and the number of predicted tokens.
 
-    hidden: (batch, seq, d) final hidden states; labels: (batch, seq) with -100 where no loss.
-    Position t predicts labels[t + 1]. ``chunk`` counts tokens per piece (0 = all at once; None =
-    ``loss_chunk_tokens`` of the head's vocabulary, as the memory estimate counts it).
+    hidden: (batch, seq, d) final hidden states; labels: (batch, seq) with -100 where no loss, on
+    hidden's device or on the host (where counting the chunks' predicted tokens needs no wait for the
+    device: the trainer passes them so). Position t predicts labels[t + 1]. ``chunk`` counts tokens
+    per piece (0 = all at once; None = ``loss_chunk_tokens`` of the head's vocabulary, as the memory
+    estimate counts it).
     """
     if chunk is None:
         chunk = loss_chunk_tokens(getattr(head, "out_features", None) or head.weight.shape[0])
@@ -74,9 +76,10 @@ def causal_lm_loss_sum(
     targets = labels[:, 1:].reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     size = max(1, hidden.shape[0] if chunk <= 0 else chunk)
-    # how many tokens each chunk predicts, read from the device in one go
+    # how many tokens each chunk predicts, read in one go (from the device only if the labels are there)
     valid = F.pad((targets != IGNORE).int(), (0, -targets.shape[0] % size)).view(-1, size).sum(1)
     counts = valid.tolist()
+    targets = targets.to(hidden.device, non_blocking=True)
     spans = [(i * size, min((i + 1) * size, hidden.shape[0])) for i, c in enumerate(counts) if c]
     params = [p for p in head.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (hidden.requires_grad or params):

@@ -55,13 +55,15 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
 
 
 def forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Summed token loss of one micro-batch and its number of predicted tokens."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Summed token loss of one micro-batch and its number of predicted tokens. The labels stay on the
+    host, where the loss counts them without waiting for the device."""
+    labels = batch["labels"]
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
     with autocast_for(device, dtype):
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                      position_ids=batch.get("position_ids")).last_hidden_state
         softcap = getattr(model.config, "final_logit_softcapping", None)
-        return causal_lm_loss_sum(model.get_output_embeddings(), hidden, batch["labels"], softcap=softcap)
+        return causal_lm_loss_sum(model.get_output_embeddings(), hidden, labels, softcap=softcap)
 
 
 @torch.no_grad()
