@@ -226,7 +226,7 @@ def accumulate(model, planned: list[list[data.Example]], loop: LoopState, pad_id
     pieces; the loss is the mean over every predicted token of the step whatever the split, so a
     split step computes the same gradient. Returns (loss, tokens)."""
     n_predicted = sum(predicted_tokens(mb) for mb in planned)
-    loss_total, n_tokens = 0.0, 0
+    losses, n_tokens = [], 0
     for mb in planned:
         size = loop.piece(len(mb))
         for i in range(0, len(mb), size):
@@ -234,9 +234,9 @@ def accumulate(model, planned: list[list[data.Example]], loop: LoopState, pad_id
             loss_sum, _ = forward_loss(model, batch, device, dtype)
             loss = loss_sum / max(1, n_predicted)
             scaler.scale(loss).backward()
-            loss_total += float(loss.detach())
+            losses.append(loss.detach())  # read once per step: reading each would wait for the device
             n_tokens += sum(len(e.input_ids) for e in mb[i : i + size])
-    return loss_total, n_tokens
+    return sum(torch.stack(losses).tolist()), n_tokens
 
 
 def free_memory(device: torch.device) -> None:
