@@ -20,6 +20,7 @@ weight twice while it copies.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -58,9 +59,13 @@ class FlatTensors:
     def gather(self) -> None:
         """Before an update: a gradient that something replaced (or removed) goes back into its view."""
         for p, g in zip(self.params, self.grads):
-            if p.grad is not g:
-                g.copy_(p.grad) if p.grad is not None else g.zero_()
-                p.grad = g
+            if p.grad is g:
+                continue
+            if p.grad is None:
+                g.zero_()
+            else:
+                g.copy_(p.grad)
+            p.grad = g
         self.flat.grad = self.flat_grad
 
     def zero(self) -> None:
@@ -100,13 +105,9 @@ class _FlatMixin:
         return super().step(closure)
 
 
-_FLAT_CLASSES: dict[type, type] = {}
-
-
+@functools.cache
 def _flat_class(cls: type) -> type:
-    if cls not in _FLAT_CLASSES:
-        _FLAT_CLASSES[cls] = type(f"Flat{cls.__name__}", (_FlatMixin, cls), {})
-    return _FLAT_CLASSES[cls]
+    return type(f"Flat{cls.__name__}", (_FlatMixin, cls), {})
 
 
 def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float,

@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 
 from tinytune import adapters, checkpoint, data, fast, loading, memsave, planner, rundir
-from tinytune.optim import make_optimizer
 from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, GIB, TrainConfig, parse_save_every
 from tinytune.errors import UserError
 from tinytune.export import PEFT_TECHNIQUES, save_peft_adapter
@@ -30,6 +29,7 @@ from tinytune.loss import causal_lm_loss_sum
 from tinytune.memory import probe
 from tinytune.memory.estimate import ModelShape
 from tinytune.memsave import enable_checkpointing
+from tinytune.optim import make_optimizer
 from tinytune.progress import ProgressBar
 
 Listener = Callable[[dict], None]
