@@ -54,7 +54,8 @@ class FlatTensors:
     def attach(self) -> None:
         """Point every parameter's gradient at its view of the flat one (autograd adds to it in place)."""
         for p, g in zip(self.params, self.grads):
-            p.grad = g
+            if p.grad is not g:
+                p.grad = g
 
     def gather(self) -> None:
         """Before an update: a gradient that something replaced (or removed) goes back into its view."""
