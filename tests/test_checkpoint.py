@@ -125,12 +125,20 @@ def test_optimizer_state_survives_json_and_safetensors(make, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
-    """Format 1 held one optimizer state per tensor; this version's optimizer works on flat groups."""
-    (tmp_path / "state.json").write_text(json.dumps({"format": 1, "step": 3}))
-    with pytest.raises(UserError, match=r"checkpoint format 1, this tinytune reads format 2; resume it with the "
-                                        r"tinytune version that wrote it"):
-        checkpoint.read(tmp_path)
+def test_resuming_checkpoints_of_another_format_stops_in_one_line(tiny_model_dir, demo_file, tmp_path, capsys):
+    """Format 1 held one optimizer state per tensor; this version's optimizer works on flat groups.
+    Such checkpoints are not damaged, so resuming names their format instead of skipping them all
+    and reporting that the run has no checkpoint."""
+    run_dir = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, demo_file, run_dir, 3, "--keep-checkpoints", "3")) == 0
+    for path in checkpoint.complete(run_dir):
+        state = json.loads((path / "state.json").read_text())
+        (path / "state.json").write_text(json.dumps({**state, "format": 1}))
+    capsys.readouterr()
+    assert main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint format 1, this tinytune reads format 2; resume it with the tinytune " \
+        "version that wrote it" in err[0] and "damaged" not in err[0]
 
 
 # --- kill, stop and resume ----------------------------------------------------------------------------

@@ -38,6 +38,11 @@ FORMAT = 2
 """state.json's format. 2: the optimizer's state is over flat parameter groups (``tinytune.optim``);
 format 1 held one state per tensor."""
 STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+class FormatError(UserError):
+    """A checkpoint another version of tinytune wrote: readable by that version, not damaged."""
+
 # --- JSON skeleton + flat tensors -------------------------------------------------------------------
 
 def _split(obj, tensors: dict[str, torch.Tensor], seen: dict[tuple, str], path: str):
@@ -203,8 +208,9 @@ def read(path: Path) -> Checkpoint:
         raise UserError(f"{state_path}: unreadable ({e.__class__.__name__}); the checkpoint is damaged") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
-        raise UserError(f"{path}: checkpoint format {found!r}, this tinytune reads format {FORMAT}; "
-                        "resume it with the tinytune version that wrote it")
+        raise (FormatError if isinstance(found, int) else UserError)(
+            f"{path}: checkpoint format {found!r}, this tinytune reads format {FORMAT}; "
+            "resume it with the tinytune version that wrote it")
     tensors = {}
     for name in ("adapter.safetensors", "trainer.safetensors"):
         try:
@@ -216,10 +222,13 @@ def read(path: Path) -> Checkpoint:
 
 
 def latest_readable(run_dir: Path, warn) -> Checkpoint | None:
-    """The newest checkpoint that reads back; damaged newer ones are reported and skipped."""
+    """The newest checkpoint that reads back; damaged newer ones are reported and skipped. One written
+    in another format is not damaged (and the ones before it are no newer): that stops the search."""
     for path in complete(run_dir):
         try:
             return read(path)
+        except FormatError:
+            raise
         except UserError as e:
             warn(f"warning: skipping a damaged checkpoint: {e}")
     return None
