@@ -156,3 +156,25 @@ def test_compiled_layers_train_the_same_on_flat_parameters(tiny_model_dir):
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_loss_scaling_unscales_and_skips_through_the_flat_gradient():
+    """fp16 runs scale the loss (GradScaler): unscaling must reach every parameter's gradient through
+    the flat one, and an inf anywhere must skip the whole update."""
+    scaled_params, plain_params = _params(), _params()
+    scaled = optim.make_optimizer("paged-adamw-32bit", [{"params": scaled_params}], 1e-2, 0.0)
+    plain = optim.make_optimizer("paged-adamw-32bit", [{"params": plain_params}], 1e-2, 0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(_loss(scaled_params, 0)).backward()
+    scaler.unscale_(scaled)
+    scaler.step(scaled)
+    scaler.update()
+    _loss(plain_params, 0).backward()
+    plain.step()
+    for a, b in zip(scaled_params, plain_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the scale is a power of two: exact
+    before = [p.detach().clone() for p in scaled_params]
+    scaled.zero_grad()
+    scaler.scale(_loss(scaled_params, 1) * float("inf")).backward()
+    scaler.step(scaled)  # found inf: skipped
+    assert all(torch.equal(a, b) for a, b in zip(scaled_params, before))
