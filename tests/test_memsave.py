@@ -326,6 +326,24 @@ def test_bench_vs_peft_smoke_runs_both_stacks_on_cpu(stack):
     assert result["oom"] is False and result["tokens_per_s"] > 0
 
 
+def test_bench_overhead_prints_host_time_per_stack():
+    """The host-overhead proxy runs its stacks at the tiny width with the given layer count and
+    prints each one's time per step and its ratio to the first (uncompiled here: fast)."""
+    import subprocess
+    import sys
+
+    stacks = "peft,tinytune+plain0+nocompile,tinytune+plain0+nocompile+pertensor"
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_overhead.py"), "--layers", "3", "--rounds", "1",
+                           "--steps", "1", "--seq", "32", "--stacks", stacks], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "3 layers at width 64, 32 tokens" in lines[0]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == set(stacks.split(","))
+    assert all(" ms " in row for row in rows.values())
+    assert "the peft's time" in rows["tinytune+plain0+nocompile+pertensor"]
+
+
 def _tool(name: str):
     """A script of tools/ imported as a module."""
     import importlib.util
