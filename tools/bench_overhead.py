@@ -17,12 +17,11 @@ in each round; a row shows the median step over rounds, a ratio the median of th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_peft import in_process, merge_rounds, spec_of, speed_ratio  # noqa: E402
+from bench_vs_peft import spec_of, speed_ratio, timed_rounds  # noqa: E402
 
 STACKS = "peft,tinytune+plain0,tinytune+plain0+pertensor,tinytune+plain0+nocompile"
 
@@ -42,13 +41,7 @@ def main() -> int:
     layers = args.layers or presets.model_shape(args.model).layers
     rows = [{**spec_of(stack), "model": args.model, "smoke": True, "layers": layers, "threads": args.threads,
              "seq": args.seq, "steps": args.steps} for stack in args.stacks.split(",")]
-    runs: list[list[dict]] = [[] for _ in rows]
-    for _ in range(args.rounds):
-        for i, spec in enumerate(rows):
-            r = in_process(spec)
-            runs[i].append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
-    rows = [merge_rounds(spec, timed) for spec, timed in zip(rows, runs)]
+    rows = timed_rounds(rows, args.rounds)
     print(f"\n{args.model}'s {layers} layers at width 64, {args.seq} tokens, CPU, {args.threads} thread(s): "
           "host time per step")
     base = rows[0]

@@ -255,17 +255,11 @@ def main() -> int:
         return 0
     seq = 64 if args.smoke else args.seq
     limit = 1024 if args.smoke else args.max_context_limit
-    rows = [{**spec_of(stack), "model": model, "smoke": args.smoke}
+    rows = [{**spec_of(stack), "model": model, "smoke": args.smoke, "seq": seq,
+             "steps": 1 if args.smoke else args.steps, "plan_cap": args.cap}
             for model in args.models.split(",") for stack in args.stacks.split(",")]
-    runs: list[list[dict]] = [[] for _ in rows]
-    for round_ in range(0 if args.no_speed else 1 if args.smoke else max(1, args.rounds)):
-        for i, spec in enumerate(rows):  # one at a time, taking turns: these are the timed runs
-            r = in_process({**spec, "seq": seq, "steps": 1 if args.smoke else args.steps, "plan_cap": args.cap,
-                            "profile": args.profile and not args.smoke and round_ == 0})
-            r.pop("profile", None)
-            runs[i].append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
-    rows = [merge_rounds(spec, timed) for spec, timed in zip(rows, runs)]
+    rows = timed_rounds(rows, 0 if args.no_speed else 1 if args.smoke else max(1, args.rounds),
+                        lambda round_: {"profile": args.profile and not args.smoke and round_ == 0})
 
     def search(spec: dict) -> int:
         if args.context_start:
@@ -283,6 +277,19 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 0
+
+
+def timed_rounds(rows: list[dict], rounds: int, per_round=lambda round_: {}) -> list[dict]:
+    """Run every row's spec once per round in a fresh process, one at a time and the rows taking
+    turns (``per_round`` adds fields for a round); each row merged over its rounds."""
+    runs: list[list[dict]] = [[] for _ in rows]
+    for round_ in range(rounds):
+        for i, spec in enumerate(rows):
+            r = in_process({**spec, **per_round(round_)})
+            r.pop("profile", None)
+            runs[i].append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    return [merge_rounds(spec, timed) for spec, timed in zip(rows, runs)]
 
 
 def merge_rounds(spec: dict, timed: list[dict]) -> dict:
