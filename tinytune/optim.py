@@ -41,7 +41,7 @@ class FlatTensors:
             n += -(-p.numel() // ALIGN) * ALIGN
         first = params[0]
         self.flat = nn.Parameter(torch.zeros(n, dtype=first.dtype, device=first.device))
-        self.flat_grad = self.flat.grad = torch.zeros_like(self.flat)
+        self.flat_grad = torch.zeros_like(self.flat)
         self.grads = []
         with torch.no_grad():
             for p, start in zip(params, offsets):
@@ -52,7 +52,9 @@ class FlatTensors:
         self.attach()
 
     def attach(self) -> None:
-        """Point every parameter's gradient at its view of the flat one (autograd adds to it in place)."""
+        """Point the flat tensor's gradient at the flat one and every parameter's at its view of it
+        (autograd adds to it in place)."""
+        self.flat.grad = self.flat_grad
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:
                 p.grad = g
@@ -60,18 +62,14 @@ class FlatTensors:
     def gather(self) -> None:
         """Before an update: a gradient that something replaced (or removed) goes back into its view."""
         for p, g in zip(self.params, self.grads):
-            if p.grad is g:
-                continue
             if p.grad is None:
                 g.zero_()
-            else:
+            elif p.grad is not g:
                 g.copy_(p.grad)
-            p.grad = g
-        self.flat.grad = self.flat_grad
+        self.attach()
 
     def zero(self) -> None:
         self.flat_grad.zero_()
-        self.flat.grad = self.flat_grad
         self.attach()
 
 
