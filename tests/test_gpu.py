@@ -179,3 +179,35 @@ def test_a_planned_cuda_run_calibrates_and_stays_under_its_budget(tiny_model_dir
     assert "calibration:" in log.getvalue(), log.getvalue()
     peaks = [json.loads(line).get("mem_peak_gib") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(p for p in peaks if p is not None) <= plan["budget_gib"]
+
+
+def test_a_compiled_4bit_layer_matches_bitsandbytes_and_holds_one_weight_at_a_time():
+    """Triton-compiled, the 4-bit layers of an MLP (gate, up, down: 14,336 × 4,096 each in the 8B)
+    give bitsandbytes' CUDA results, and their backward holds one dequantized weight at a time (the
+    estimator's count), not the three at once that a fused dequantization kernel would hold."""
+    from tinytune import quant
+
+    torch.manual_seed(0)
+    width, inner = 1024, 4096
+    make = lambda i, o: quant.quantize_linear(torch.nn.Linear(i, o, bias=False), 4, CUDA, torch.bfloat16)  # noqa: E731
+    gate, up, down = make(width, inner), make(width, inner), make(inner, width)
+    mlp = lambda x: down(torch.nn.functional.silu(gate(x)) * up(x))  # noqa: E731
+    x = torch.randn(1, 64, width, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    want = mlp(x)
+    (want_grad,) = torch.autograd.grad(want.float().square().sum(), x)
+    for q in (gate, up, down):
+        quant.traceable_4bit(q)
+    compiled = torch.compile(mlp, fullgraph=True)
+    compiled(x)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = compiled(x)
+    (got_grad,) = torch.autograd.grad(got.float().square().sum(), x)
+    torch.cuda.synchronize()
+    grown = torch.cuda.max_memory_allocated() - base
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_grad, want_grad, rtol=2e-2, atol=2e-2)
+    one_weight = width * inner * 2
+    assert grown < 2 * one_weight, f"{grown / one_weight:.2f} dequantized weights' worth at the peak"
+    torch._dynamo.reset()

@@ -1,3 +1,4 @@
+import math
 import shutil
 
 import bitsandbytes as bnb
@@ -103,3 +104,69 @@ def test_embedded_default_loads_in_4bit_and_answers():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False, use_cache=True)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("double", [True, False], ids=["double-quantized", "fp32 absmax"])
+@pytest.mark.parametrize("out_features,in_features", [(64, 64), (160, 64), (1024, 1024)])
+def test_nf4_as_tensor_operations_is_bitsandbytes_weight_to_the_bit(out_features, in_features, double):
+    """quant.nf4_dequantize (the form compiled layers fuse) gives bitsandbytes' own dequantized weight
+    bit for bit, in fp32 and rounded to bf16; 64×64 has 64 absmax blocks, fewer than one outer block
+    of double quantization (256)."""
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features) * 0.02
+    q = bnb.nn.Linear4bit(in_features, out_features, bias=False, compress_statistics=double, quant_type="nf4",
+                          device="meta")
+    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double, quant_type="nf4")
+    q = q.to("cpu")
+    state = q.weight.quant_state
+    assert state.nested is double
+    nested = (state.state2.code, state.state2.absmax, state.state2.blocksize, state.offset) if double else (None,) * 4
+    for dtype in (torch.float32, torch.bfloat16):
+        want = bnb.functional.dequantize_4bit(q.weight.data, state).to(dtype)
+        got = quant.nf4_dequantize(q.weight.data, state.code, state.absmax, state.blocksize, tuple(state.shape),
+                                   *nested, dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", "inductor"])
+def test_a_compiled_4bit_layer_runs_as_tensor_operations_and_keeps_no_weight(backend):
+    """Compiled (the compiler's capture and autograd split; with code generation too), a 4-bit layer
+    calls no bitsandbytes operator, gives bitsandbytes' output and input gradient, and keeps for
+    backward only what the layer holds anyway (its quantized weight and statistics) besides
+    activations: the dequantized weight is computed again in backward, not kept. Outside compiled
+    code it is bitsandbytes' forward."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    q = quant.quantize_linear(torch.nn.Linear(512, 1024, bias=True), 4, torch.device("cpu"), torch.float32)
+    x = torch.randn(1, 4, 512, requires_grad=True)
+    grad_out = torch.randn(1, 4, 1024)
+    want = q(x)
+    (want_grad,) = torch.autograd.grad(want, x, grad_out)
+
+    assert quant.traceable_4bit(q) == 1 and quant.traceable_4bit(q) == 0 and isinstance(q, bnb.nn.Linear4bit)
+    with profile() as prof:
+        torch.testing.assert_close(q(x), want, rtol=0, atol=0)  # eager: bitsandbytes' own
+    assert any(e.name.startswith("bitsandbytes::") for e in prof.events())
+
+    torch._dynamo.reset()
+    f = torch.compile(q, backend=backend, fullgraph=True)
+    f(x)  # compiles
+    state = q.weight.quant_state
+    own = {t.untyped_storage().data_ptr() for t in (q.weight.data, q.bias, state.code, state.absmax, state.offset,
+                                                     state.state2.code, state.state2.absmax)}
+    kept = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            kept.append(tuple(t.shape))
+        return t
+
+    with profile() as prof, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = f(x)
+        (got_grad,) = torch.autograd.grad(got, x, grad_out)
+    assert not [e.name for e in prof.events() if e.name.startswith("bitsandbytes::")]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+    assert all(math.prod(shape) <= 4 * 1024 for shape in kept), kept  # activations (4 tokens) only
+    torch._dynamo.reset()

@@ -23,6 +23,13 @@ recomputation inside its own backward: 259 ms in the measurement above, but what
 the partitioner's choice, which the estimator does not model, and the offloaded form, reentrant
 under saved-tensor hooks, is not compiled at all.) All layers share one compiled graph per grad mode:
 their code is the same, and parameters are graph inputs.
+
+A 4-bit layer inside a compiled layer runs as tensor operations (``quant.traceable_4bit``), not
+through bitsandbytes' registered operators: its dequantization becomes one generated kernel, with no
+call into Python. On CUDA at 2,048 tokens bitsandbytes makes one such call per forward of a 4-bit
+layer and two per backward: 896 per step for the 8B's 224 layers, every one checkpointed. One 64×64
+layer compiled on one CPU thread (128 tokens): 676 µs per forward and backward through
+bitsandbytes' operators, 510 µs as tensor operations.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import importlib.util
 
 import torch
 
+from tinytune import quant
 from tinytune.loading import decoder_layers
 
 
@@ -46,6 +54,7 @@ def compile_layers(model, backend: str = "inductor") -> None:
 
     torch._dynamo.config.suppress_errors = True
     for layer in decoder_layers(model):
+        quant.traceable_4bit(layer)
         layer.__class__ = _compiled_class(type(layer), backend)
 
 

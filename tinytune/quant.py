@@ -13,13 +13,19 @@ Techniques never look inside a quantized layer: they call the base module for th
   (Llama-3.1-8B shape at 1,024 tokens on an H100: 14.91 GiB against 10.46 without). Frozen int8
   layers here run bitsandbytes' forward without autograd and compute the input's gradient from the
   int8 weight (``FrozenInt8``): nothing is kept.
+
+Compiled layers (``tinytune.fast``) run a 4-bit layer as tensor operations instead
+(``traceable_4bit``): the dequantization the compiler can fuse into one generated kernel, then the
+matmul, with the weight dequantized again for backward rather than kept.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
@@ -131,3 +137,63 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_quantized(module)
+
+
+class Traceable4bit:
+    """A 4-bit layer's forward as tensor operations when compiled (``traceable_4bit``).
+
+    Compiled code calls bitsandbytes' registered operators as opaque calls into Python: on CUDA one
+    per forward of a 4-bit layer (dequantize the 8-bit absmax, add its offset, dequantize the weight,
+    multiply, inside) and two per backward, 896 per step for the 8B's 224 layers, all checkpointed.
+    Written as tensor operations, the compiler fuses the whole dequantization into one kernel
+    launched from its own code. The arithmetic is bitsandbytes': a 4-bit code's value times its
+    block's absmax in fp32, rounded once to the compute dtype (bit for bit on the CPU, tested; the GPU
+    compiler may fuse the absmax's multiply and add into one rounding). The dequantization sits in a
+    checkpoint, so the compiler's partitioner computes the weight again for backward rather than
+    keeping it, as bitsandbytes keeps nothing either. Outside compiled code (a graph the compiler gave
+    up on) it is bitsandbytes' forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.weight.quant_state
+        if not torch.compiler.is_compiling() or state.quant_type != "nf4" or math.prod(state.shape) % state.blocksize:
+            return super().forward(x)
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        nested = (state.state2.code, state.state2.absmax, state.state2.blocksize, state.offset) if state.nested else (None,) * 4
+        w = torch.utils.checkpoint.checkpoint(nf4_dequantize, self.weight.data, state.code, state.absmax,
+                                              state.blocksize, tuple(state.shape), *nested, dtype, use_reentrant=False)
+        return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
+
+
+def traceable_4bit(module: nn.Module) -> int:
+    """Run every 4-bit layer under ``module`` as tensor operations (``Traceable4bit``); returns how many."""
+    bnb = _bnb()
+    n = 0
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and not isinstance(m, Traceable4bit):
+            m.__class__ = _traceable_class(type(m))
+            n += 1
+    return n
+
+
+@functools.cache
+def _traceable_class(cls: type) -> type:
+    return type(cls.__name__, (Traceable4bit, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def nf4_dequantize(packed, code, absmax, blocksize, shape, code2, absmax2, blocksize2, offset, dtype) -> torch.Tensor:
+    """bitsandbytes' NF4 weight in ``dtype``, as tensor operations. ``packed`` holds two codes per
+    byte, the first in the high half. With double quantization ``absmax`` is itself 8-bit blockwise
+    (``code2``, ``absmax2`` per ``blocksize2`` blocks, plus ``offset``); else ``code2`` is None.
+
+    The outer scales are spread by expanding ``absmax2``, not by indexing it with an ``arange``: such
+    an index is the same tensor for every layer of one size, and compiled code that shares it fuses
+    those layers' dequantizations into one kernel, which holds all their weights at once (seen for the
+    MLP's three in backward)."""
+    if code2 is not None:
+        outer = absmax2.view(-1, 1).expand(-1, blocksize2).reshape(-1)[:absmax.numel()]
+        absmax = code2[absmax.long()] * outer + offset
+    q = packed.view(torch.uint8).reshape(-1, 1)
+    codes = (q >> torch.tensor([4, 0], dtype=torch.uint8, device=q.device)) & 0xF
+    return (code[codes.long()].view(-1, blocksize) * absmax.view(-1, 1)).view(shape).to(dtype)
