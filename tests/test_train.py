@@ -68,3 +68,38 @@ def test_other_optimizers_train(tiny_model_dir, demo_file, tmp_path, optim):
                                  eval_fraction=0.0), stream=open("/dev/null", "w"))
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_a_compiled_run_trains_as_an_eager_one_and_compiles_its_layers_few_times(tiny_model_dir, demo_file, tmp_path,
+                                                                                monkeypatch):
+    """`--compile on` (the compiler's capture and autograd split here; code generation is the GPU's):
+    the same losses as eager (dropout off: compiled dropout draws other masks), with offloaded
+    checkpoints and a plain last layer. Evaluation and the
+    sample (the model in eval mode: other grad modes, masks, a KV cache, each a separate graph) run
+    eager, so the training graphs stay well inside the compiler's recompile limit, past which a layer
+    would silently run eager."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from tinytune import fast
+
+    monkeypatch.setattr(fast, "compile_layers", functools.partial(fast.compile_layers, backend="aot_eager"))
+    runs = {}
+    for compile_ in ("off", "on"):
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = tiny_cfg(tiny_model_dir, demo_file, tmp_path / compile_, bits=4, max_steps=4, compile=compile_,
+                       sample=True, offload_checkpoints=True, plain_layers=1, dropout=0.0)
+        run_dir = train.run(cfg, stream=open("/dev/null", "w"))
+        runs[compile_] = [(r.get("loss"), r.get("eval_loss")) for r in read_metrics(run_dir) if "loss" in r or "eval_loss" in r]
+        assert json.loads((run_dir / "plan.json").read_text())["compiled_layers"] is (compile_ == "on")
+    graphs = counters["stats"]["unique_graphs"]
+    assert 2 <= graphs <= 4, graphs  # with and without grad (offload's first forward), then dynamic lengths
+    assert graphs < torch._dynamo.config.recompile_limit
+    assert len(runs["on"]) == len(runs["off"]) == 4 + 5
+    for eager, compiled in zip(runs["off"], runs["on"]):
+        assert (eager[0] is None) == (compiled[0] is None)
+        torch.testing.assert_close([v for v in compiled if v is not None], [v for v in eager if v is not None],
+                                   rtol=1e-4, atol=0)
+    torch._dynamo.reset()

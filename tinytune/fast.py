@@ -24,6 +24,13 @@ the partitioner's choice, which the estimator does not model, and the offloaded 
 under saved-tensor hooks, is not compiled at all.) All layers share one compiled graph per grad mode:
 their code is the same, and parameters are graph inputs.
 
+Only training runs compiled code: in eval mode (evaluation, the sample) a layer runs its eager
+forward. Those calls come without grad, without a mask or with a KV cache, each a graph of its own;
+compiled too, a short CPU run with a sample made 8 graphs of the layer forward, the compiler's
+recompile limit, past which any new case (such as a training step's) runs eager without a word.
+Training alone makes 2 to 4 (with and without grad where offloading runs the first forward without
+it, then lengths made dynamic).
+
 A 4-bit layer inside a compiled layer runs as tensor operations (``quant.traceable_4bit``), not
 through bitsandbytes' registered operators: its dequantization becomes one generated kernel, with no
 call into Python. On CUDA at 2,048 tokens bitsandbytes makes one such call per forward of a 4-bit
@@ -65,5 +72,10 @@ def _compiled_class(cls: type, backend: str) -> type:
     that wrapper (``__wrapped__``) and is wrapped alike, so checkpointing and offloading stay
     outside the compiled code and recomputation reruns it."""
     forward = getattr(cls.forward, "__wrapped__", cls.forward)
-    return type(cls.__name__, (cls,), {"forward": torch.compile(forward, backend=backend),
+    compiled = torch.compile(forward, backend=backend)
+
+    def train_compiled(self, *args, **kwargs):
+        return (compiled if self.training else forward)(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"forward": train_compiled,
                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
