@@ -74,6 +74,7 @@ def _compiled_class(cls: type, backend: str) -> type:
     forward = getattr(cls.forward, "__wrapped__", cls.forward)
     compiled = torch.compile(forward, backend=backend)
 
+    @functools.wraps(forward)  # the signature stays the layer's; compiling again finds the eager one
     def train_compiled(self, *args, **kwargs):
         return (compiled if self.training else forward)(self, *args, **kwargs)
 
