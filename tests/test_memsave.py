@@ -141,6 +141,21 @@ def test_compiled_layers_are_captured_without_graph_breaks(tiny_model_dir):
     torch._dynamo.reset()
 
 
+def test_compiled_layers_trace_4bit_layers_unless_told_not_to(tiny_model_dir):
+    """Compiled layers run their 4-bit layers as tensor operations; the benchmarks' ``+bnb4`` variant
+    keeps bitsandbytes' operators, to measure the difference in one run."""
+    from tinytune import quant
+
+    def traced(**kw) -> list[bool]:
+        model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 4, torch.device("cpu"))
+        fast.compile_layers(model, backend="aot_eager", **kw)
+        return [isinstance(m, quant.Traceable4bit) for m in model.modules() if quant.quantized_bits(m) == 4]
+
+    assert traced() == [True] * 14 and traced(traced_4bit=False) == [False] * 14
+    spec = _tool("bench_vs_peft").spec_of("tinytune+plain0+bnb4")
+    assert spec["traced_4bit"] is False and spec["plain_layers"] == 0
+
+
 @pytest.mark.parametrize("name", ["compiled layers", "compiled + offloaded + tiled"])
 def test_a_compiled_layer_is_entered_once_per_pass(tiny_model_dir, name):
     """Each entry into compiled code costs the CPU guard checks and a runtime wrapper: a checkpointed

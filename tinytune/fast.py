@@ -36,7 +36,8 @@ through bitsandbytes' registered operators: its dequantization becomes one gener
 call into Python. On CUDA at 2,048 tokens bitsandbytes makes one such call per forward of a 4-bit
 layer and two per backward: 896 per step for the 8B's 224 layers, every one checkpointed. One 64×64
 layer compiled on one CPU thread (128 tokens): 676 µs per forward and backward through
-bitsandbytes' operators, 510 µs as tensor operations.
+bitsandbytes' operators, 510 µs as tensor operations; the 32-layer proxy above, 285 against 279 ms
+per step (within its noise).
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ def can_compile(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
-def compile_layers(model, backend: str = "inductor") -> None:
-    """Compile every decoder layer in place; errors inside the compiler fall back to eager."""
+def compile_layers(model, backend: str = "inductor", traced_4bit: bool = True) -> None:
+    """Compile every decoder layer in place; errors inside the compiler fall back to eager.
+    ``traced_4bit=False`` keeps bitsandbytes' operators for 4-bit layers (to measure the difference)."""
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
     for layer in decoder_layers(model):
-        quant.traceable_4bit(layer)
+        if traced_4bit:
+            quant.traceable_4bit(layer)
         layer.__class__ = _compiled_class(type(layer), backend)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_peft import spec_of, speed_ratio, timed_rounds  # noqa: E402
 
-STACKS = "peft,tinytune+plain0,tinytune+plain0+pertensor,tinytune+plain0+nocompile"
+STACKS = "peft,tinytune+plain0,tinytune+plain0+bnb4,tinytune+plain0+pertensor,tinytune+plain0+nocompile"
 
 
 def main() -> int:

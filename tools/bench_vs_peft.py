@@ -35,7 +35,8 @@ from benchkit import TINY, cap_cuda_memory, run_in_fresh_process, train_step  # 
 
 
 def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_layers: int | None = None,
-          compile_layers: bool = True, dropout: float = 0.05, flat: bool = True, layers: int | None = None):
+          compile_layers: bool = True, dropout: float = 0.05, flat: bool = True, layers: int | None = None,
+          traced_4bit: bool = True):
     """(model, step function) for one stack; the step returns the number of tokens. ``smoke``: the
     tiny shape on the CPU, with ``layers`` decoder layers if given (and compiled there too)."""
     import torch
@@ -89,7 +90,7 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
         memsave.checkpoint_layers(net, cfg.offload_checkpoints, cfg.plain_layers)
         memsave.tile_mlp(net, cfg.mlp_tiles)
         if compile_layers and (fast.can_compile(device) or layers):  # as the trainer does by default on CUDA
-            fast.compile_layers(net)
+            fast.compile_layers(net, traced_4bit=traced_4bit)
         net.train()
         optimizer = optim.make_optimizer("paged-adamw-8bit", adapters.param_groups(net, cfg), 2e-4, 0.0, flat=flat)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -116,7 +117,7 @@ def run_one(spec: dict) -> dict:
             torch.set_num_threads(spec["threads"])
         _, step = build(spec["stack"], spec["model"], spec["seq"], smoke, spec.get("cap") or spec.get("plan_cap", 12.0),
                         spec.get("plain_layers"), spec.get("compile", True), spec.get("dropout", 0.05),
-                        spec.get("flat", True), spec.get("layers"))
+                        spec.get("flat", True), spec.get("layers"), spec.get("traced_4bit", True))
         if spec.get("warmup", True):
             step()  # warm-up (allocator, autotuning)
             if spec["stack"] == "tinytune" and spec.get("compile", True):
@@ -159,6 +160,8 @@ def spec_of(stack: str) -> dict:
             spec["compile"] = False
         elif part == "pertensor":  # bitsandbytes' optimizer over each tensor, not over flat groups
             spec["flat"] = False
+        elif part == "bnb4":  # compiled layers call bitsandbytes' 4-bit operators, not tensor operations
+            spec["traced_4bit"] = False
         elif part.startswith("drop") and part[4:].isdigit():  # drop0: no LoRA dropout, drop10: 0.10
             spec["dropout"] = int(part[4:]) / 100
         elif part.startswith("plain") and part[5:].isdigit():
