@@ -120,11 +120,9 @@ def test_nf4_as_tensor_operations_is_bitsandbytes_weight_to_the_bit(out_features
     q = q.to("cpu")
     state = q.weight.quant_state
     assert state.nested is double
-    nested = (state.state2.code, state.state2.absmax, state.state2.blocksize, state.offset) if double else (None,) * 4
     for dtype in (torch.float32, torch.bfloat16):
         want = bnb.functional.dequantize_4bit(q.weight.data, state).to(dtype)
-        got = quant.nf4_dequantize(q.weight.data, state.code, state.absmax, state.blocksize, tuple(state.shape),
-                                   *nested, dtype)
+        got = quant.nf4_dequantize(*quant.nf4_parts(q.weight), dtype)
         assert got.dtype == dtype and torch.equal(got, want)
 
 

@@ -160,9 +160,7 @@ class Traceable4bit:
             return super().forward(x)
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        nested = (state.state2.code, state.state2.absmax, state.state2.blocksize, state.offset) if state.nested else (None,) * 4
-        w = torch.utils.checkpoint.checkpoint(nf4_dequantize, self.weight.data, state.code, state.absmax,
-                                              state.blocksize, tuple(state.shape), *nested, dtype, use_reentrant=False)
+        w = torch.utils.checkpoint.checkpoint(nf4_dequantize, *nf4_parts(self.weight), dtype, use_reentrant=False)
         return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
 
 
@@ -180,6 +178,13 @@ def traceable_4bit(module: nn.Module) -> int:
 @functools.cache
 def _traceable_class(cls: type) -> type:
     return type(cls.__name__, (Traceable4bit, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def nf4_parts(weight) -> tuple:
+    """A 4-bit weight's tensors and sizes, as ``nf4_dequantize`` takes them (all but the dtype)."""
+    state = weight.quant_state
+    nested = (state.state2.code, state.state2.absmax, state.state2.blocksize, state.offset) if state.nested else (None,) * 4
+    return (weight.data, state.code, state.absmax, state.blocksize, tuple(state.shape), *nested)
 
 
 def nf4_dequantize(packed, code, absmax, blocksize, shape, code2, absmax2, blocksize2, offset, dtype) -> torch.Tensor:

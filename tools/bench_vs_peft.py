@@ -235,7 +235,7 @@ def main() -> int:
     ap.add_argument("--models", default="llama-3.1-8b,llama-3.2-1b", help="model presets, comma-separated")
     ap.add_argument("--stacks", default="peft,tinytune",
                     help="comma-separated; experiments: tinytune+nocompile, tinytune+pertensor (the optimizer over "
-                    "each tensor), tinytune+plainN (the last N layers not checkpointed instead of as planned), "
+                    "each tensor), tinytune+bnb4 (compiled layers call bitsandbytes' 4-bit operators), tinytune+plainN (the last N layers not checkpointed instead of as planned), "
                     "STACK+dropN (LoRA dropout N/100 instead of 0.05)")
     ap.add_argument("--cap", type=float, default=12.0, help="GiB for the max-context search (default 12)")
     ap.add_argument("--seq", type=int, default=2048)
