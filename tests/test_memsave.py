@@ -251,19 +251,21 @@ def test_an_abandoned_offloaded_step_frees_its_copies_and_the_next_step_is_exact
 
 
 def test_plain_last_layers_run_once_and_the_others_twice(tiny_model_dir):
-    """With one plain layer, the last decoder layer's forward runs once per step; the checkpointed
-    ones run again in backward. All plain would be the same as no checkpointing."""
-    calls: dict[int, int] = {}
+    """With one plain layer, the last decoder layer's forward runs once per step, with grad; the
+    checkpointed ones run first without grad (reentrant checkpointing: no autograd graph, no
+    saved-tensor hook per tensor) and again with it in backward. All plain would be the same as no
+    checkpointing."""
+    calls: dict[int, list[bool]] = {}
 
-    def count(model):
+    def record(model):
         memsave.enable_checkpointing(model)
         memsave.plain_last_layers(model, 1)
         for i, layer in enumerate(loading.decoder_layers(model)):
-            layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+            layer.self_attn.register_forward_hook(lambda *_, i=i: calls.setdefault(i, []).append(torch.is_grad_enabled()))
 
-    lora_grads(tiny_model_dir, 16, count)
+    lora_grads(tiny_model_dir, 16, record)
     last = max(calls)
-    assert calls[last] == 1 and all(calls[i] == 2 for i in range(last)), calls
+    assert calls[last] == [True] and all(calls[i] == [False, True] for i in range(last)), calls
 
 
 def test_the_estimator_knows_plain_layers():
@@ -481,9 +483,11 @@ def tensors_on_autograd_contexts(model, ids) -> int:
     return kept
 
 
-def test_checkpointed_int8_layers_keep_no_input_copies(tiny_model_dir):
-    """bitsandbytes' int8 matmul keeps its (flattened) input on its autograd context, out of
-    checkpointing's reach; the frozen int8 path keeps none, and gives bitsandbytes' gradients."""
+def test_frozen_int8_layers_keep_no_input_copies_on_autograd_contexts(tiny_model_dir):
+    """bitsandbytes' int8 matmul keeps its (flattened) input on its autograd context, out of reach of
+    saved-tensor hooks (non-reentrant checkpointing's, offloading's); the frozen int8 path keeps none,
+    and gives bitsandbytes' gradients. Layers run plain: reentrant checkpointing's first forward
+    builds no autograd graph to look at."""
     from tinytune import quant
 
     grads = {}
@@ -496,7 +500,7 @@ def test_checkpointed_int8_layers_keep_no_input_copies(tiny_model_dir):
                     del m.forward
         adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=8))
         _nonzero_adapters(model)
-        memsave.enable_checkpointing(model)
+        model.enable_input_require_grads()  # as checkpointing does: the first layer's input too
         model.train()
         alive = tensors_on_autograd_contexts(model, IDS)
         grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -12,14 +12,15 @@ tiled MLP's pieces), entered once per pass. Compiling the parts instead (attenti
 enters four regions per layer and pass, and each entry costs the CPU its guard checks and the
 runtime wrapper around the compiled graph. Measured with the 8B shape's 32 layers at width 64 on one
 CPU thread (128 tokens, every layer checkpointed), where little but this overhead is left: 354 ms per
-step with compiled parts, 317 ms with compiled layers, the recipe's eager step 385 ms. The
+step with compiled parts, 317 ms with compiled layers, the recipe's eager step 385 ms (checkpointing
+was non-reentrant then; reentrant since, compiled layers take 226 ms: ``tinytune.memsave``). The
 compiler's partition of a whole layer also keeps less for backward (a plain layer 256 wide, LoRA
 r16, dropout 0.05: 16.3 KB per token, against 18.4 with parts and 23.8 eager).
 
 Checkpointing and offloading stay outside the compiled code: transformers wraps a layer's forward in
 its checkpointing call, and the compiled forward is the one inside that wrapper, so recomputation
 reruns it. (Compiling the wrapper too lets the compiler trace non-reentrant checkpointing and do the
-recomputation inside its own backward: 259 ms in the measurement above, but what it keeps is then
+recomputation inside its own backward: 259 ms in the 317 ms measurement above, but what it keeps is then
 the partitioner's choice, which the estimator does not model, and the offloaded form, reentrant
 under saved-tensor hooks, is not compiled at all.) All layers share one compiled graph per grad mode:
 their code is the same, and parameters are graph inputs.
@@ -36,8 +37,8 @@ through bitsandbytes' registered operators: its dequantization becomes one gener
 call into Python. On CUDA at 2,048 tokens bitsandbytes makes one such call per forward of a 4-bit
 layer and two per backward: 896 per step for the 8B's 224 layers, every one checkpointed. One 64×64
 layer compiled on one CPU thread (128 tokens): 676 µs per forward and backward through
-bitsandbytes' operators, 510 µs as tensor operations; the 32-layer proxy above, 285 against 279 ms
-per step (within its noise).
+bitsandbytes' operators, 510 µs as tensor operations; the 32-layer proxy above, 258 against 226 ms
+per step (with non-reentrant checkpointing it was 285 against 279, within its noise).
 """
 
 from __future__ import annotations

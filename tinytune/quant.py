@@ -9,10 +9,10 @@ Techniques never look inside a quantized layer: they call the base module for th
 - 8-bit: LLM.int8 (arXiv 2208.07339): int8 rows with one fp32 scale per row; input columns with
   outliers above 6.0 run in 16-bit. bitsandbytes' own autograd function keeps its input (and the
   outlier columns) as attributes of its context object, where no saved-tensor hook sees them, so
-  gradient checkpointing cannot free them: every layer's inputs stay alive until backward
-  (Llama-3.1-8B shape at 1,024 tokens on an H100: 14.91 GiB against 10.46 without). Frozen int8
-  layers here run bitsandbytes' forward without autograd and compute the input's gradient from the
-  int8 weight (``FrozenInt8``): nothing is kept.
+  non-reentrant gradient checkpointing cannot free them: every layer's inputs stay alive until
+  backward (Llama-3.1-8B shape at 1,024 tokens on an H100: 14.91 GiB against 10.46 without). Frozen
+  int8 layers here run bitsandbytes' forward without autograd and compute the input's gradient from
+  the int8 weight (``FrozenInt8``): nothing is kept, however the layer is checkpointed.
 
 Compiled layers (``tinytune.fast``) run a 4-bit layer as tensor operations instead
 (``traceable_4bit``): the dequantization the compiler can fuse into one generated kernel, then the
