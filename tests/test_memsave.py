@@ -28,10 +28,10 @@ def _padded_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
 
 
-def lora_grads(tiny_model_dir, bits: int, setup, dropout: float = 0.0) -> dict[str, torch.Tensor]:
+def lora_grads(tiny_model_dir, bits: int, setup, dropout: float = 0.0, technique: str = "lora") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), bits, torch.device("cpu"))
-    cfg = TrainConfig(rank=4, alpha=8, dropout=dropout, bits=bits)
+    cfg = TrainConfig(technique=technique, rank=4, alpha=8, dropout=dropout, bits=bits)
     adapters.apply(model, cfg)
     _nonzero_adapters(model)
     setup(model)
@@ -64,6 +64,19 @@ def test_same_gradients_as_plain(tiny_model_dir, bits, name):
     assert plain.keys() == other.keys() and len(plain) == 2 * 14
     for key in plain:
         assert plain[key].abs().sum() > 0, key
+        torch.testing.assert_close(other[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("technique,bits", [("lora-fa", 4), ("vera", 4), ("delta-lora", 4), ("lora-plus", 8),
+                                            ("full", 16)])
+def test_every_technique_gets_the_same_gradients_checkpointed(tiny_model_dir, technique, bits):
+    """Reentrant checkpointing recomputes each layer with grad and runs its backward inside the
+    recomputation: every trainable tensor (LoRA-FA's B under its own inner checkpoint, VeRA's
+    vectors, the full model's weights and embeddings) gets the gradient of plain training."""
+    plain = lora_grads(tiny_model_dir, bits, lambda m: None, technique=technique)
+    other = lora_grads(tiny_model_dir, bits, SETUPS["checkpointing"], technique=technique)
+    assert plain.keys() == other.keys() and plain
+    for key in plain:
         torch.testing.assert_close(other[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
