@@ -185,6 +185,42 @@ def test_a_compiled_layer_is_entered_once_per_pass(tiny_model_dir, name):
     torch._dynamo.reset()
 
 
+def test_a_compiled_layer_stays_compiled_across_a_runs_micro_batch_shapes(tiny_model_dir, monkeypatch):
+    """Grad on and off (reentrant checkpointing's two passes), masked and unmasked micro-batches,
+    lengths and batch sizes that change: more graphs than the compiler's default limit of 8, past
+    which a new case would run eager. The last case still enters compiled code in every pass."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the compiler's default
+    model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 4, torch.device("cpu"))
+    adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=4))
+    memsave.enable_checkpointing(model)
+    fast.compile_layers(model, backend="eager")  # the compiler's capture and guards only: fast
+    model.train()
+    layers = len(loading.decoder_layers(model))
+
+    def step(batch: int, length: int, padded: bool) -> None:
+        ids = torch.randint(3, 2000, (batch, length), generator=torch.Generator().manual_seed(length))
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[-1, length // 2:] = 0
+        loss_sum, n = train.forward_loss(model, {"input_ids": ids, "attention_mask": mask,
+                                                 "labels": ids.masked_fill(mask == 0, -100)},
+                                         torch.device("cpu"), torch.float32)
+        (loss_sum / n).backward()
+
+    for case in [(2, 40, True), (2, 40, False), (2, 48, True), (2, 48, False)]:
+        step(*case)
+    with profile() as prof:
+        step(1, 30, False)
+    assert counters["stats"]["unique_graphs"] > 8
+    assert len([e for e in prof.events() if e.name.startswith("Torch-Compiled Region")]) == 2 * layers
+    torch._dynamo.reset()
+
+
 def _offloaded_lora_model(tiny_model_dir):
     torch.manual_seed(0)
     model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 16, torch.device("cpu"))

@@ -29,8 +29,12 @@ Only training runs compiled code: in eval mode (evaluation, the sample) a layer 
 forward. Those calls come without grad, without a mask or with a KV cache, each a graph of its own;
 compiled too, a short CPU run with a sample made 8 graphs of the layer forward, the compiler's
 recompile limit, past which any new case (such as a training step's) runs eager without a word.
-Training alone makes 2 to 4 (with and without grad where offloading runs the first forward without
-it, then lengths made dynamic).
+Training alone makes more than 8 where its micro-batches differ: with and without grad (reentrant
+checkpointing runs the first forward without it), with an attention mask and without one (a
+micro-batch without padding attends causally, unmasked), at the first shape, then with lengths made
+dynamic, then the batch size (a batch of one is a case of its own): 14 graphs for a run whose
+micro-batches of 2 and 4 are sometimes padded and one is a single example. ``compile_layers``
+raises the limit to ``RECOMPILE_LIMIT``; each graph costs compile time once.
 
 A 4-bit layer inside a compiled layer runs as tensor operations (``quant.traceable_4bit``), not
 through bitsandbytes' registered operators: its dequantization becomes one generated kernel, with no
@@ -57,12 +61,17 @@ def can_compile(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
+RECOMPILE_LIMIT = 64
+"""Graphs of the layer forward the compiler may make (its default, 8, is too few: see the module doc)."""
+
+
 def compile_layers(model, backend: str = "inductor", traced_4bit: bool = True) -> None:
     """Compile every decoder layer in place; errors inside the compiler fall back to eager.
     ``traced_4bit=False`` keeps bitsandbytes' operators for 4-bit layers (to measure the difference)."""
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in decoder_layers(model):
         if traced_4bit:
             quant.traceable_4bit(layer)
