@@ -10,12 +10,11 @@
   The non-reentrant kind runs the first forward with grad and drops each tensor autograd saves
   through a saved-tensor hook of its own: a Python call per saved tensor (86 per compiled decoder
   layer, whose partition saves many small tensors), another for each in the recomputation, and a
-  comparison of the recomputed tensors' metadata with the first ones'. On
-  the CPU proxy of an 8B step's host work (``tools/bench_overhead.py``: 32 layers at width 64,
-  compiled, every layer checkpointed) a step takes 226 ms with the reentrant kind against 279 ms,
-  the recipe's 394 ms (which is reentrant too, eager).
-  Reentrant checkpointing needs an input that requires grad: the embeddings' output is made to
-  (``enable_input_require_grads``).
+  comparison of the recomputed tensors' metadata with the first ones'. On the CPU proxy of an 8B
+  step's host work (``tools/bench_overhead.py``: 32 layers at width 64, compiled, every layer
+  checkpointed) a step takes 226 ms with the reentrant kind against 279 ms, the recipe's 394 ms
+  (reentrant too, eager). Reentrant checkpointing needs an input that requires grad: the
+  embeddings' output is made to (``enable_input_require_grads``).
 - **Offloaded checkpoints.** With gradient checkpointing a step keeps one tensor per decoder layer,
   its input (tokens × hidden). ``offload_checkpoints`` moves those to (pinned) host memory until
   the layer's backward needs them, so GPU activations no longer grow with the number of layers:
@@ -79,7 +78,7 @@ def embeddings_on_host(model, technique: str) -> bool:
 
 
 def enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward, with reentrant checkpointing (see ``checkpoint_layers``)."""
+    """Recompute each decoder layer in backward, with reentrant checkpointing (see the module doc)."""
     kwargs = {"use_reentrant": True}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
