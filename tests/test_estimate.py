@@ -83,6 +83,9 @@ def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, p
         if technique == "vera":
             stored -= rank * (64 + 160)  # the shared matrices themselves are the model's, once
         casts = E.adapter_cast_bytes(shape, setup16, trainable, stored) // shape.layers
+    elif technique == "vera":  # fp32: each layer keeps B with its rows scaled by Λb
+        casts = E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2]) // shape.layers
+        assert casts == rank * (64 + 32 + 32 + 64 + 160 + 160 + 64) * 4
     seeds = 8 * 7 if dropout and technique in ("lora", "lora-plus") else 0  # each branch's mask seed (int64)
     assert per_two / 2 == per_token * batch * seq + casts + seeds
 
@@ -248,6 +251,7 @@ def test_a_tiled_mlp_keeps_only_its_input_per_layer(technique, tiles):
         shape = E.ModelShape.from_config(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW))
         setup = E.Setup(technique=technique, rank=8, bits=16, micro_batch=2, seq_len=32, device="cpu", padded=False,
                         dropout=0.0, mlp_tiles=tiles, gradient_checkpointing=False)
-        return E.activation_bytes(shape, setup)[0]
+        casts = E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2])  # VeRA's scaled B in fp32
+        return E.activation_bytes(shape, setup)[0] + casts
 
     assert peak(4) - peak(2) == kept(4) - kept(2)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tinytune.adapters.base import AdapterLayer, matched
+from tinytune.memory.estimate import vera_folds_lambda_b
 
 
 def shared_matrices(rank: int, max_in: int, max_out: int, seed: int, device) -> dict[str, torch.Tensor]:
@@ -36,6 +37,7 @@ class VeRALinear(AdapterLayer):
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features))
         self.vera_lambda_d = nn.Parameter(torch.full((rank,), float(d_init)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fold_b = vera_folds_lambda_b(self.out_features, rank)
 
     def _slices(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.shared["vera_A"][:, : self.in_features], self.shared["vera_B"][: self.out_features, :]
@@ -45,7 +47,10 @@ class VeRALinear(AdapterLayer):
         result = self.base(x)
         a, b = self._slices()
         projected = matched(self.vera_lambda_d, x) * (self.dropout(x) @ matched(a, x).t())
-        branch = matched(self.vera_lambda_b, x) * (projected @ matched(b, x).t())
+        if self.fold_b:  # autograd keeps projected (r wide) for Λb's gradient
+            branch = projected @ matched(self.vera_lambda_b[:, None] * b, x).t()
+        else:  # it keeps B·Λd·A·x (d_out wide)
+            branch = matched(self.vera_lambda_b, x) * (projected @ matched(b, x).t())
         return result + branch.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

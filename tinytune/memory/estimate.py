@@ -16,8 +16,9 @@ Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32)
 - a linear layer whose input a trainable matrix multiplies (LoRA's A, a full weight) keeps its
   input (once per distinct input; LoRA's dropout draws its mask again in backward, so it keeps no
   more), VeRA with dropout its dropped copy plus the mask; every LoRA branch keeps x·A (d·r); VeRA
-  keeps x·A (d·r) and the branch output before λ_b (d·out); LoRA-FA, whose A is frozen, keeps
-  neither x nor a copy.
+  keeps x·A (d·r) and, for λ_b's gradient, the narrower of its second product's input (d·r, where
+  λ_b scales B's rows first) and output (d·out); LoRA-FA, whose A is frozen, keeps neither x nor a
+  copy.
 
 With gradient checkpointing only each layer's input (d·h per token) is kept for the whole model;
 one layer's set above exists again while its backward runs. Layers left out of checkpointing (the
@@ -293,8 +294,8 @@ def _saved_per_token(shape: ModelShape, setup: Setup) -> tuple[float, float]:
             kept_inputs.add(groups[n])
         if t == "lora-fa":
             own += d * r + (mask_b * r if dropout else 0)
-        elif t == "vera":
-            own += d * r + d * n_out
+        elif t == "vera":  # Λd·(x·Aᵀ)'s r-wide input, and the narrower side of Λb's product
+            own += d * r + d * (r if vera_folds_lambda_b(n_out, r) else n_out)
         elif not full:
             own += d * r
         if n in MLP_LINEARS:
@@ -345,14 +346,30 @@ def host_offload_bytes(shape: ModelShape, setup: Setup) -> int:
     return checkpoint_inputs_bytes(shape, setup) if setup.offload else 0
 
 
+def vera_folds_lambda_b(out_features: int, rank: int) -> bool:
+    """Whether a VeRA layer scales B's rows by Λb before its product (``p·(ΛbB)ᵀ``) rather than the
+    product after (``Λb·(pBᵀ)``, as the paper writes it): the same branch, but Λb's gradient then
+    needs the r-wide input of the product instead of its d_out-wide output, so autograd keeps the
+    narrower of the two per token (Llama-3.1-8B at r=256: 512 bytes instead of 2,048 to 28,672 per
+    adapted linear layer in bf16). The scaled copy of B is kept instead, once per layer."""
+    return out_features > rank
+
+
 def adapter_cast_bytes(shape: ModelShape, setup: Setup, trainable: int, stored: int) -> int:
-    """16-bit copies of the fp32 adapter weights each layer multiplies by, kept for backward
-    (autocast caches them once per step; VeRA's shared A and B are cast again by every layer)."""
-    if setup.technique == "full" or setup.act_bytes == 4:
+    """Copies of the adapter weights each layer multiplies by, kept for backward: 16-bit casts of the
+    fp32 weights (autocast caches them once per step; VeRA's shared A and B are cast again by every
+    layer), and in fp32 VeRA's B scaled by Λb (``vera_folds_lambda_b``)."""
+    if setup.technique == "full":
         return 0
-    if setup.technique == "vera":
-        lin = shape.linears()
-        return (trainable + shape.layers * setup.rank * sum(sum(lin[n]) for n in setup.adapted(shape))) * setup.act_bytes
+    lin, r = shape.linears(), setup.rank
+    if setup.technique == "vera" and setup.act_bytes == 4:  # a tiled MLP scales B inside each tile's checkpoint
+        names = [n for n in setup.adapted(shape) if setup.mlp_tiles <= 1 or n not in MLP_LINEARS]
+        return shape.layers * r * sum(lin[n][1] for n in names if vera_folds_lambda_b(lin[n][1], r)) * 4
+    if setup.act_bytes == 4:
+        return 0
+    if setup.technique == "vera":  # a folded layer casts ΛbB, not Λb and B apart
+        folded = sum(lin[n][1] for n in setup.adapted(shape) if vera_folds_lambda_b(lin[n][1], r))
+        return (trainable - shape.layers * folded + shape.layers * r * sum(sum(lin[n]) for n in setup.adapted(shape))) * setup.act_bytes
     return stored * setup.act_bytes
 
 
