@@ -212,3 +212,27 @@ def test_full_fine_tuning_trains_every_weight_and_exports(tiny_model_dir, demo_f
 def test_full_fine_tuning_refuses_quantized_bits(bits):
     with pytest.raises(UserError, match=f"--technique full with --bits {bits}"):
         TrainConfig(technique="full", bits=bits)
+
+
+def test_vera_scaling_b_first_gives_the_papers_output_and_gradients():
+    """Λb scaling B's rows before the product (what a layer wider than the rank does, to keep an
+    r-wide tensor for Λb's gradient) computes what Λb·(B·Λd·A·x) does, gradients included."""
+    from tinytune.adapters.vera import VeRALinear, shared_matrices
+
+    torch.manual_seed(0)
+    layer = VeRALinear(torch.nn.Linear(64, 160, bias=False).requires_grad_(False), shared_matrices(8, 160, 160, 0, "cpu"))
+    assert layer.fold_b
+    with torch.no_grad():
+        layer.vera_lambda_b.normal_()
+        layer.vera_lambda_d.normal_()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    grad = torch.randn(3, 5, 160)
+    results = []
+    for fold in (True, False):
+        layer.fold_b = fold
+        x.grad = layer.vera_lambda_b.grad = layer.vera_lambda_d.grad = None
+        y = layer(x)
+        y.backward(grad)
+        results.append((y.detach(), x.grad, layer.vera_lambda_b.grad, layer.vera_lambda_d.grad))
+    for folded, paper in zip(*results):
+        torch.testing.assert_close(folded, paper, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,10 @@ A (r × max d_in) and B (max d_out × r) are random, frozen and shared by every 
 uses the slices A[:, :d_in] and B[:d_out, :]. Only the vectors b (d_out, init 0) and d (r, init
 0.1) train, so the trainable count is Σ(d_out + r) over adapted layers. A and B are drawn from a seed
 (Kaiming-uniform, as PEFT does) and saved with the run, so export and resume never regenerate them.
+
+Where a layer is wider than the rank, Λb scales B's rows before the product instead of the product
+after (``memory.estimate.vera_folds_lambda_b``): the same branch, but autograd keeps an r-wide
+tensor per token for Λb's gradient, not a d_out-wide one.
 """
 
 from __future__ import annotations
