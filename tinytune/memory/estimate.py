@@ -367,9 +367,11 @@ def adapter_cast_bytes(shape: ModelShape, setup: Setup, trainable: int, stored: 
         return shape.layers * r * sum(lin[n][1] for n in names if vera_folds_lambda_b(lin[n][1], r)) * 4
     if setup.act_bytes == 4:
         return 0
-    if setup.technique == "vera":  # a folded layer casts ΛbB, not Λb and B apart
-        folded = sum(lin[n][1] for n in setup.adapted(shape) if vera_folds_lambda_b(lin[n][1], r))
-        return (trainable - shape.layers * folded + shape.layers * r * sum(sum(lin[n]) for n in setup.adapted(shape))) * setup.act_bytes
+    if setup.technique == "vera":  # A and B in every layer; a folded layer casts ΛbB, not Λb and B apart
+        names = setup.adapted(shape)
+        shared = r * sum(sum(lin[n]) for n in names)
+        folded = sum(lin[n][1] for n in names if vera_folds_lambda_b(lin[n][1], r))
+        return (trainable + shape.layers * (shared - folded)) * setup.act_bytes
     return stored * setup.act_bytes
 
 
