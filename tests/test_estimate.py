@@ -67,12 +67,12 @@ def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, p
     shape = E.ModelShape.from_config(tiny_llama_config(**SHAPE_KW))
     # "cpu" counts fp32 activations; the bf16 cases use the CUDA activation size with CPU dropout masks.
     setup = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
-                    device="cpu", padded=padded)
+                    device="cpu", padded=padded, gradient_checkpointing=False)
     d = 2 if dtype == torch.bfloat16 else 4
     per_token = E.layer_saved_bytes_per_token(shape, setup)
     if d == 2:  # same formula at 2 bytes per element; dropout masks stay in the dtype on a CPU
         setup16 = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
-                          device="cuda", padded=padded)
+                          device="cuda", padded=padded, gradient_checkpointing=False)
         per_token = E.layer_saved_bytes_per_token(shape, setup16)
         if dropout and technique in ("vera", "lora-fa"):
             n_in = sum(i for i, _ in shape.linears().values())
@@ -224,6 +224,35 @@ def _peak_live_saved_bytes(model, run) -> int:
     with torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.t):
         run()
     return state["peak"]
+
+
+def test_checkpointed_vera_layers_keep_their_copies_only_while_rebuilt():
+    """Every VeRA layer multiplies by bf16 copies of the shared A and B (and its scaled B); a
+    checkpointed layer keeps them only while backward rebuilds it, so two more checkpointed layers
+    add their inputs and nothing else at the peak, as the estimator says."""
+    from tinytune import memsave
+
+    def peak(layers: int) -> int:
+        model = _model(layers, 16, "vera", 8, 0.0, torch.bfloat16)
+        memsave.enable_checkpointing(model)
+        model.train()
+        ids = torch.randint(0, 256, (2, 32))
+
+        def run():
+            hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
+            loss.backward()
+
+        return _peak_live_saved_bytes(model, run)
+
+    def predicted(layers: int) -> int:
+        shape = E.ModelShape.from_config(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW))
+        setup = E.Setup(technique="vera", rank=8, bits=16, micro_batch=2, seq_len=32, device="cuda", padded=False,
+                        dropout=0.0)
+        return E.activation_bytes(shape, setup)[0] + E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2])
+
+    layer_input = 2 * 64 * 2 * 32  # bf16, hidden 64, 2 × 32 tokens
+    assert peak(4) - peak(2) == predicted(4) - predicted(2) == 2 * layer_input
 
 
 @pytest.mark.parametrize("technique", ["lora", "lora-fa", "vera"])

@@ -357,22 +357,27 @@ def vera_folds_lambda_b(out_features: int, rank: int) -> bool:
 
 def adapter_cast_bytes(shape: ModelShape, setup: Setup, trainable: int, stored: int) -> int:
     """Copies of the adapter weights each layer multiplies by, kept for backward: 16-bit casts of the
-    fp32 weights (autocast caches them once per step; VeRA's shared A and B are cast again by every
-    layer), and in fp32 VeRA's B scaled by Λb (``vera_folds_lambda_b``)."""
+    fp32 weights (autocast caches LoRA's once per step), and VeRA's made by every layer (its shared A
+    and B cast again, in fp32 its B scaled by Λb: ``vera_folds_lambda_b``). A checkpointed layer's
+    first forward keeps none of VeRA's; its copies exist again only while backward rebuilds it."""
     if setup.technique == "full":
         return 0
+    if setup.technique == "vera":
+        layers = min(shape.layers, setup.plain_layers + 1) if setup.gradient_checkpointing else shape.layers
+        return layers * vera_layer_copies_bytes(shape, setup, trainable // shape.layers)
+    return 0 if setup.act_bytes == 4 else stored * setup.act_bytes
+
+
+def vera_layer_copies_bytes(shape: ModelShape, setup: Setup, trainable_per_layer: int) -> int:
+    """The copies of VeRA's matrices and vectors one decoder layer keeps for backward."""
     lin, r = shape.linears(), setup.rank
-    if setup.technique == "vera" and setup.act_bytes == 4:  # a tiled MLP scales B inside each tile's checkpoint
-        names = [n for n in setup.adapted(shape) if setup.mlp_tiles <= 1 or n not in MLP_LINEARS]
-        return shape.layers * r * sum(lin[n][1] for n in names if vera_folds_lambda_b(lin[n][1], r)) * 4
-    if setup.act_bytes == 4:
-        return 0
-    if setup.technique == "vera":  # A and B in every layer; a folded layer casts ΛbB, not Λb and B apart
-        names = setup.adapted(shape)
-        shared = r * sum(sum(lin[n]) for n in names)
-        folded = sum(lin[n][1] for n in names if vera_folds_lambda_b(lin[n][1], r))
-        return (trainable + shape.layers * (shared - folded)) * setup.act_bytes
-    return stored * setup.act_bytes
+    names = setup.adapted(shape)
+    if setup.act_bytes == 4:  # B scaled by Λb (a tiled MLP does that inside each tile's checkpoint)
+        kept = [n for n in names if setup.mlp_tiles <= 1 or n not in MLP_LINEARS]
+        return r * sum(lin[n][1] for n in kept if vera_folds_lambda_b(lin[n][1], r)) * 4
+    shared = r * sum(sum(lin[n]) for n in names)  # A and B; a folded layer casts ΛbB, not Λb and B apart
+    folded = sum(lin[n][1] for n in names if vera_folds_lambda_b(lin[n][1], r))
+    return (trainable_per_layer + shared - folded) * setup.act_bytes
 
 
 def backward_work_bytes(shape: ModelShape, setup: Setup) -> int:
