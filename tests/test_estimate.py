@@ -226,6 +226,29 @@ def _peak_live_saved_bytes(model, run) -> int:
     return state["peak"]
 
 
+def _step_peak(layers: int, technique: str, dtype: torch.dtype, prepare) -> int:
+    """``_peak_live_saved_bytes`` of one step (2 × 32 tokens) of a new model, ``prepare(model)`` first."""
+    model = _model(layers, 16, technique, 8, 0.0, dtype)
+    prepare(model)
+    model.train()
+    ids = torch.randint(0, 256, (2, 32))
+
+    def run():
+        hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
+        loss.backward()
+
+    return _peak_live_saved_bytes(model, run)
+
+
+def _predicted_kept(layers: int, technique: str, **setup_kw) -> int:
+    """What the estimator says that model keeps for the whole step: activations and adapter copies."""
+    shape = E.ModelShape.from_config(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW))
+    setup = E.Setup(technique=technique, rank=8, bits=16, micro_batch=2, seq_len=32, padded=False, dropout=0.0,
+                    **setup_kw)
+    return E.activation_bytes(shape, setup)[0] + E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2])
+
+
 def test_checkpointed_vera_layers_keep_their_copies_only_while_rebuilt():
     """Every VeRA layer multiplies by bf16 copies of the shared A and B (and its scaled B); a
     checkpointed layer keeps them only while backward rebuilds it, so two more checkpointed layers
@@ -233,26 +256,13 @@ def test_checkpointed_vera_layers_keep_their_copies_only_while_rebuilt():
     from tinytune import memsave
 
     def peak(layers: int) -> int:
-        model = _model(layers, 16, "vera", 8, 0.0, torch.bfloat16)
-        memsave.enable_checkpointing(model)
-        model.train()
-        ids = torch.randint(0, 256, (2, 32))
+        return _step_peak(layers, "vera", torch.bfloat16, memsave.enable_checkpointing)
 
-        def run():
-            hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-            loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
-            loss.backward()
-
-        return _peak_live_saved_bytes(model, run)
-
-    def predicted(layers: int) -> int:
-        shape = E.ModelShape.from_config(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW))
-        setup = E.Setup(technique="vera", rank=8, bits=16, micro_batch=2, seq_len=32, device="cuda", padded=False,
-                        dropout=0.0)
-        return E.activation_bytes(shape, setup)[0] + E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2])
+    def kept(layers: int) -> int:
+        return _predicted_kept(layers, "vera", device="cuda")
 
     layer_input = 2 * 64 * 2 * 32  # bf16, hidden 64, 2 × 32 tokens
-    assert peak(4) - peak(2) == predicted(4) - predicted(2) == 2 * layer_input
+    assert peak(4) - peak(2) == kept(4) - kept(2) == 2 * layer_input
 
 
 @pytest.mark.parametrize("technique", ["lora", "lora-fa", "vera"])
@@ -260,27 +270,14 @@ def test_checkpointed_vera_layers_keep_their_copies_only_while_rebuilt():
 def test_a_tiled_mlp_keeps_only_its_input_per_layer(technique, tiles):
     """What layers keep at the end of the forward, with the MLP run in tiles: its input only (in the
     tiles' checkpoints); their gate, up, product and adapter inputs are gone until backward rebuilds
-    one tile. Two more layers add exactly what the estimator says they keep."""
+    one tile. Two more layers add exactly what the estimator says they keep (VeRA: with its scaled B
+    in fp32)."""
     from tinytune import memsave
 
     def peak(layers: int) -> int:
-        model = _model(layers, 16, technique, 8, 0.0, torch.float32)
-        memsave.tile_mlp(model, tiles)
-        model.train()
-        ids = torch.randint(0, 256, (2, 32))
-
-        def run():
-            hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-            loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
-            loss.backward()
-
-        return _peak_live_saved_bytes(model, run)
+        return _step_peak(layers, technique, torch.float32, lambda model: memsave.tile_mlp(model, tiles))
 
     def kept(layers: int) -> int:
-        shape = E.ModelShape.from_config(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW))
-        setup = E.Setup(technique=technique, rank=8, bits=16, micro_batch=2, seq_len=32, device="cpu", padded=False,
-                        dropout=0.0, mlp_tiles=tiles, gradient_checkpointing=False)
-        casts = E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2])  # VeRA's scaled B in fp32
-        return E.activation_bytes(shape, setup)[0] + casts
+        return _predicted_kept(layers, technique, device="cpu", mlp_tiles=tiles, gradient_checkpointing=False)
 
     assert peak(4) - peak(2) == kept(4) - kept(2)
