@@ -532,6 +532,17 @@ def tensors_on_autograd_contexts(model, ids) -> int:
     return kept
 
 
+def test_checkpointing_enabled_again_hooks_the_embeddings_once(tiny_model_dir):
+    """Reentrant checkpointing needs the embeddings' output to require grad; enabling it again (the
+    calibration's step, then the run's; offloading) leaves one hook doing that, not one per call."""
+    model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 16, torch.device("cpu"))
+    for setup in (memsave.enable_checkpointing, memsave.enable_checkpointing, memsave.offload_checkpoints):
+        setup(model)
+    embeddings = model.get_input_embeddings()
+    assert len(embeddings._forward_hooks) == 1
+    assert embeddings(IDS).requires_grad
+
+
 def test_frozen_int8_layers_keep_no_input_copies_on_autograd_contexts(tiny_model_dir):
     """bitsandbytes' int8 matmul keeps its (flattened) input on its autograd context, out of reach of
     saved-tensor hooks (non-reentrant checkpointing's, offloading's); the frozen int8 path keeps none,

@@ -78,13 +78,17 @@ def embeddings_on_host(model, technique: str) -> bool:
 
 
 def enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward, with reentrant checkpointing (see the module doc)."""
+    """Recompute each decoder layer in backward, with reentrant checkpointing (see the module doc).
+
+    Reentrant checkpointing needs an input that requires grad: enabling checkpointing makes
+    transformers hook the input embeddings so their output does (``enable_input_require_grads``), one
+    more hook on every call, so the hook of an earlier call (calibration's, then the run's) goes first."""
+    model.disable_input_require_grads()
     kwargs = {"use_reentrant": True}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
 
 
 COPIES_IN_FLIGHT = 2
