@@ -39,6 +39,8 @@ def test_parse_vram_never_crashes(text):
 @pytest.mark.parametrize("field,value", [
     ("rank", 0), ("rank", -4), ("bits", 3), ("technique", "dora"), ("optim", "sgd"), ("dropout", 1.0),
     ("seq_len", 0), ("micro_batch", 0), ("eval_fraction", 0.7), ("lr", 0), ("max_steps", 0), ("targets", ()),
+    ("lr", float("inf")), ("alpha", float("nan")), ("epochs", float("nan")), ("lora_plus_ratio", float("inf")),
+    ("weight_decay", -0.1), ("max_grad_norm", -1.0), ("eval_every", -1), ("vera_d_init", 0.0), ("delta_lambda", -1.0),
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(UserError):

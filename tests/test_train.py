@@ -49,6 +49,17 @@ def test_same_seed_same_losses_on_cpu(tiny_model_dir, demo_file, tmp_path):
     assert [r["loss"] for r in read_metrics(other) if "loss" in r] != losses[0]
 
 
+def test_max_grad_norm_0_trains_unclipped_and_still_reports_the_norm(tiny_model_dir, demo_file, tmp_path):
+    runs = {}
+    for norm in (0.0, 1e9, 1e-3):
+        run_dir = train.run(tiny_cfg(tiny_model_dir, demo_file, tmp_path / str(norm), max_steps=3, eval_fraction=0.0,
+                                     max_grad_norm=norm), stream=open("/dev/null", "w"))
+        runs[norm] = [(r["loss"], r["grad_norm"]) for r in read_metrics(run_dir) if "loss" in r]
+    assert runs[0.0] == runs[1e9]
+    assert all(norm > 1e-3 for _, norm in runs[0.0])
+    assert runs[1e-3][0] == runs[0.0][0] and runs[1e-3][1:] != runs[0.0][1:]  # clipping acts from the first update
+
+
 def test_schedule_warms_up_then_decays():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)

@@ -67,7 +67,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradients to this norm (0: no clipping; default 1)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 2; on a CPU at most 30 steps)")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,11 +185,20 @@ class TrainConfig:
             raise UserError(f"--compile {self.compile!r} is unknown: choose auto, on or off")
         if self.device not in DEVICES:
             raise UserError(f"--device {self.device!r} is unknown: choose auto, cpu or cuda")
+        for f in dataclasses.fields(self):  # nan passes every comparison below, inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{f.name.replace('_', '-')} {value} must be a finite number")
         for name in ("rank", "seq_len", "micro_batch", "grad_accum"):
             if int(getattr(self, name)) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive whole number")
         if self.lora_plus_ratio <= 0:
             raise UserError(f"--lora-plus-ratio {self.lora_plus_ratio} must be positive (the paper uses 16)")
+        if self.vera_d_init == 0:
+            raise UserError("--vera-d-init 0 would leave VeRA nothing to learn (b starts at 0, so neither vector "
+                            "gets a gradient); the paper uses 0.1")
+        if self.delta_lambda < 0:
+            raise UserError(f"--delta-lambda {self.delta_lambda} must be 0 or more (the paper uses 2)")
         if self.delta_start is not None and self.delta_start < 0:
             raise UserError(f"--delta-start {self.delta_start} must be zero or more steps")
         if self.technique == "full" and self.bits != 16:
@@ -204,6 +214,13 @@ class TrainConfig:
             raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
         if self.lr <= 0:
             raise UserError(f"--lr {self.lr} must be positive, e.g. 2e-4")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay {self.weight_decay} must be 0 or more")
+        if self.max_grad_norm < 0:
+            raise UserError(f"--max-grad-norm {self.max_grad_norm} must be 0 or more (0 = no clipping; a negative "
+                            "norm would turn the gradients around)")
+        if self.eval_every < 0:
+            raise UserError(f"--eval-every {self.eval_every} must be 0 or more steps (0 = four evaluations per run)")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UserError(f"--max-steps {self.max_steps} must be a positive whole number")
         if self.epochs is not None and self.epochs <= 0:

@@ -456,7 +456,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
             finite = math.isfinite(loss_total)
             if finite:
                 scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))  # 0: measure only
                 finite = math.isfinite(grad_norm) or scaler.is_enabled()  # fp16: the scaler skips inf gradients itself
             if finite:
                 scaler.step(optimizer)
