@@ -158,11 +158,51 @@ def test_plan_command_text(capsys):
     (["plan", "--model", "llama-3.2-1b", "--vram", "12GB", "--seq-len", "999999"], "beyond llama-3.2-1b's context"),
     (["plan", "--vram", "12GB", "--gpu", "rtx3060"], "--vram and --gpu both given"),
     (["plan", "--model", "llama-3.1-70b", "--vram", "24GB"], "nothing fits"),
+    (["plan", "--model", "llama-3.1-8b", "--vram", "1TB", "--rank", "2048"],
+     "--rank 2048 is larger than llama-3.1-8b's lora layers allow; use --rank 1024 or less"),
+    (["plan", "--model", "llama-3.1-8b", "--vram", "12GB", "--targets", "q_proj,qkv"],
+     "--targets qkv matches no linear layer of the decoder"),
 ])
 def test_plan_bad_input(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("technique,targets", [("lora", ("all-linear",)), ("lora", ("q_proj", "o_proj")),
+                                               ("vera", ("all-linear",)), ("vera", ("k_proj", "v_proj"))])
+def test_the_planners_largest_rank_is_the_adapters(technique, targets):
+    """A rank the planner allows is one the adapters accept, and one more is refused by both."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from tinytune import adapters
+    from tinytune.config import TrainConfig
+    from tinytune.memory.estimate import ModelShape
+
+    config = tiny_llama_config(intermediate_size=160, num_hidden_layers=1, vocab_size=64)
+    shape = ModelShape.from_config(config, "tiny")
+    limit = planner._max_rank(shape, technique, targets)
+
+    def refusal(build) -> str | None:
+        try:
+            build()
+        except UserError as e:
+            return str(e)
+        return None
+
+    for rank in (limit, limit + 1):
+        refusals = [
+            refusal(lambda: adapters.apply(LlamaForCausalLM(config).to(torch.float32),
+                                           TrainConfig(technique=technique, rank=rank, targets=targets), 10)),
+            refusal(lambda: planner.make_plan(shape, planner.Budget(GIB, "cuda", "1 GiB"), 16,
+                                              planner.Fixed(technique=technique, rank=rank, targets=targets))),
+        ]
+        if rank == limit:
+            assert refusals == [None, None]
+        else:
+            assert all(f"--rank {rank} is larger than" in r for r in refusals), refusals
 
 
 def test_planned_run_records_the_plan(tiny_model_dir, demo_file, tmp_path, capsys):

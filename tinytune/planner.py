@@ -168,8 +168,13 @@ def _candidate(shape: ModelShape, budget: Budget, fixed: Fixed, seq_len: int, te
     return Candidate(setup, est, accum, budget.bytes)
 
 
-def _max_rank(shape: ModelShape, technique: str) -> int:
-    return min(min(i, o) for i, o in shape.linears().values()) if technique != "vera" else shape.hidden
+def _max_rank(shape: ModelShape, technique: str, targets: tuple[str, ...] = ("all-linear",)) -> int:
+    """The largest rank the adapted layers allow: each layer's smaller side, or for VeRA the smaller
+    side of its shared matrices (as wide as the widest layer's input and output)."""
+    sides = [shape.linears()[n] for n in Setup(technique=technique, targets=targets).adapted(shape)]
+    if technique == "vera":
+        return min(max(i for i, _ in sides), max(o for _, o in sides))
+    return min(min(i, o) for i, o in sides)
 
 
 def _best_in_family(shape, budget, fixed, seq_len, technique, bits, scale) -> tuple[Candidate, bool]:
@@ -177,7 +182,7 @@ def _best_in_family(shape, budget, fixed, seq_len, technique, bits, scale) -> tu
 
     Returns (candidate, fits); when nothing fits, the smallest candidate of the family."""
     ranks = [fixed.rank] if fixed.rank else [r for r in (VERA_RANKS if technique == "vera" else RANKS)
-                                               if r <= _max_rank(shape, technique)] or [1]
+                                               if r <= _max_rank(shape, technique, fixed.targets)] or [1]
     if technique == "full":
         ranks = [0]
     mbs = [fixed.micro_batch] if fixed.micro_batch else [m for m in MICRO_BATCHES if m <= EFFECTIVE_BATCH]
@@ -240,6 +245,14 @@ def make_plan(shape: ModelShape, budget: Budget, seq_len: int, fixed: Fixed | No
     if shape.max_context and seq_len > shape.max_context:
         raise UserError(f"--seq-len {seq_len} is beyond {shape.name}'s context of {shape.max_context} tokens; "
                         f"use --seq-len {shape.max_context} or less")
+    if missing := [t for t in fixed.targets if t != "all-linear" and t not in shape.linears()]:
+        raise UserError(f"--targets {','.join(missing)} matches no linear layer of the decoder; choose from "
+                        f"{','.join(sorted(shape.linears()))} or all-linear")
+    if fixed.rank and fixed.technique != "full":
+        technique = fixed.technique or "lora"
+        if fixed.rank > (limit := _max_rank(shape, technique, fixed.targets)):
+            raise UserError(f"--rank {fixed.rank} is larger than {shape.name}'s {technique} layers allow; "
+                            f"use --rank {limit} or less")
     tried: list[Candidate] = []
     chosen = None
     for technique, bits in _families(fixed):
