@@ -204,7 +204,10 @@ def test_cli_trains_and_exports_end_to_end(tiny_model_dir, demo_file, tmp_path, 
     assert code == 0, out.err
     assert "step 2/2" in out.err and "eval loss before training" in out.err
     assert json.loads((run_dir / "plan.json").read_text())["budget_gib"] == 12.0
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
-    assert (tmp_path / "merged" / "config.json").is_file()
+    assert f"tinytune export {run_dir})" in out.out  # the way to export, as printed
+    assert main(["export", str(run_dir)]) == 0  # into RUN_DIR/merged
+    assert (run_dir / "merged" / "config.json").is_file()
+    code, err = run_cli(capsys, "export", str(run_dir))
+    assert code == 2 and "already holds a model" in err and "--overwrite" in err
     code, err = run_cli(capsys, "--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(run_dir))
     assert code == 2 and "already holds a run" in err and "--overwrite" in err

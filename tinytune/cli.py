@@ -2,7 +2,7 @@
 
     tinytune [train] [--vram 12GB] [options]   train an adapter (the default command)
     tinytune plan [--model M] --vram 12GB      show the plan (and runners-up) for a memory budget
-    tinytune export RUN_DIR --out DIR          merge into the base and write an HF model directory
+    tinytune export RUN_DIR [--out DIR]        merge into the base and write an HF model directory
     tinytune monitor RUN_DIR                   the terminal UI on a run started elsewhere
     tinytune profiles                          the GPU profiles and model presets the planner knows
 """
@@ -93,7 +93,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 def _export_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge a run's adapter into fp16 weights (HF directory)")
     p.add_argument("run_dir", help="a training run directory")
-    p.add_argument("--out", required=True, help="directory to write the merged model to")
+    p.add_argument("--out", help="directory to write the merged model to (default: RUN_DIR/merged)")
     p.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
     p.add_argument("--max-shard-size", default="200MB", help="safetensors shard size (default 200MB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -231,7 +231,8 @@ def cmd_export(args) -> int:
 
     from tinytune.export import export
 
-    export(Path(args.run_dir), Path(args.out), dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    run_dir = Path(args.run_dir)
+    export(run_dir, Path(args.out) if args.out else run_dir / "merged", dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     return 0
 
 

@@ -37,7 +37,10 @@ def check_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: exists and is a file; choose a directory path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        holds = "a run" if any((path / f).exists() for f in RUN_FILES) else "files"
+        if any(path.glob("model*.safetensors*")):
+            holds = "a model"
+        else:
+            holds = "a run" if any((path / f).exists() for f in RUN_FILES) else "files"
         raise UserError(f"--out {path}: already holds {holds}; choose another --out or pass --overwrite to replace it")
     parent = path.resolve().parent
     while not parent.exists():

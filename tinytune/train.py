@@ -285,7 +285,7 @@ def open_resume(run_dir: Path, overrides: dict, say) -> tuple[TrainConfig, dict,
                         f"start it again with --overwrite, or use --save-every to checkpoint sooner")
     if ckpt.step >= ckpt.state["trainer"]["total_steps"]:
         raise UserError(f"--resume {run_dir}: the run finished all {ckpt.step} steps; nothing to resume "
-                        f"(export it with: tinytune export {run_dir} --out DIR)")
+                        f"(export it with: tinytune export {run_dir})")
     return cfg, record, ckpt
 
 
@@ -532,7 +532,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
             one_line = lambda text: " ".join(text.split())  # noqa: E731
             say(f"sample (held out): {one_line(ds.sample_prompt[-1]['content'])}\n  before: {one_line(before)}\n"
                 f"  after:  {one_line(after)}\n  target: {one_line(ds.sample_answer)}")
-        say(f"saved {out}  (export merged weights with: tinytune export {out} --out {out}/merged)")
+        say(f"saved {out}  (export merged weights to {out}/merged with: tinytune export {out})")
     publish(event)
     metrics.close()
     return out
