@@ -43,6 +43,27 @@ def test_dequantized_weight_is_what_the_layer_multiplies_by(bits):
     assert (w - linear.weight).abs().max() < (0.05 if bits == 4 else 0.01)
 
 
+def test_a_4bit_layer_trains_after_an_eval_pass_as_before_it():
+    """An evaluation (eval mode, no grad) changes nothing about how a 4-bit layer trains afterwards:
+    same output, the input's gradient, the weight still dequantizable. (bitsandbytes would repack
+    the weight for a backward-less bf16 kernel on a CPU with AVX512-BF16.)"""
+    torch.manual_seed(0)
+    q = quant.quantize_linear(torch.nn.Linear(128, 64, bias=False), 4, torch.device("cpu"), torch.float32)
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    before = q(x)
+    (grad_before,) = torch.autograd.grad(before.square().sum(), x)
+    w = quant.dequantized_weight(q)
+    q.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(q(x.detach()), before, rtol=0, atol=0)
+    q.train()
+    after = q(x)
+    (grad_after,) = torch.autograd.grad(after.square().sum(), x)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(grad_after, grad_before, rtol=0, atol=0)
+    torch.testing.assert_close(quant.dequantized_weight(q), w, rtol=0, atol=0)
+
+
 def test_model_id_resolves_from_the_offline_hf_cache(tiny_model_dir, tmp_path, monkeypatch):
     from huggingface_hub import constants
 

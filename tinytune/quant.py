@@ -50,6 +50,10 @@ def quantize_linear(linear: nn.Linear, bits: int, device: torch.device, compute_
         q.weight = bnb.nn.Params4bit(
             weight.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4",
         )
+        # On a CPU with AVX512-BF16, bitsandbytes repacks the weight the first time the layer runs in
+        # eval mode without grad, for a bf16 kernel that has no backward; training after an eval
+        # would then run that kernel, and the layer's input would get no gradient. Keep the layout.
+        q.support_avx512bf16_for_cpu = False
     elif bits == 8:
         q = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=bias is not None,
