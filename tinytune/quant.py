@@ -22,6 +22,7 @@ matmul, with the weight dequantized again for backward rather than kept.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -29,6 +30,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+# bitsandbytes' CPU backend looks for an optional bf16 inference kernel on import and, on a CPU with
+# AVX512-BF16, warns that it is missing; that path is turned off here (see quantize_linear).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _bnb():

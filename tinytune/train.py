@@ -369,7 +369,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
     say(f"model: {source.name} ({source.kind}) at {cfg.bits}-bit on {probe.describe(device)}, loaded in "
         f"{time.perf_counter() - t0:.1f}s; "
         f"{'full fine-tuning' if cfg.technique == 'full' else f'{cfg.technique} r={cfg.rank} on {len(layers)} layers'}, "
-        f"{n_trainable:,} trainable parameters; {total_steps} steps")
+        f"{n_trainable:,} trainable parameters; {total_steps} step{'' if total_steps == 1 else 's'}")
 
     if ckpt is None:
         rundir.create(out, cfg.overwrite)
