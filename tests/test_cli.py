@@ -204,6 +204,7 @@ def test_cli_trains_and_exports_end_to_end(tiny_model_dir, demo_file, tmp_path, 
     assert code == 0, out.err
     assert "step 2/2" in out.err and "eval loss before training" in out.err
     assert json.loads((run_dir / "plan.json").read_text())["budget_gib"] == 12.0
+    assert not (run_dir / ".lock").exists()  # a finished trainer lets go of its run
     assert f"tinytune export {run_dir})" in out.out  # the way to export, as printed
     assert main(["export", str(run_dir)]) == 0  # into RUN_DIR/merged
     assert (run_dir / "merged" / "config.json").is_file()
@@ -211,3 +212,32 @@ def test_cli_trains_and_exports_end_to_end(tiny_model_dir, demo_file, tmp_path, 
     assert code == 2 and "already holds a model" in err and "--overwrite" in err
     code, err = run_cli(capsys, "--model", str(tiny_model_dir), "--data", str(demo_file), "--out", str(run_dir))
     assert code == 2 and "already holds a run" in err and "--overwrite" in err
+
+
+def test_a_run_being_trained_is_not_resumed_or_overwritten_by_a_second_trainer(finished_run, tmp_path, capsys):
+    """While a trainer holds a run directory (here another process holding its lock, as a live run
+    does), --resume, --out with --overwrite and export --overwrite into it are refused with its pid
+    and nothing changes; once that process is killed the lock is gone with it."""
+    from tinytune.rundir import RunLock
+
+    run = _copy_run(finished_run, tmp_path / "live")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tinytune.rundir import RunLock; "
+         "RunLock().take(Path(sys.argv[1]), '--out'); print('held', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert RunLock.holder(run) == holder.pid
+        before = tree(run)
+        for argv, message in (
+            (["--resume", str(run)], f"--resume {run}: a tinytune run (pid {holder.pid}) is training it now"),
+            (["--out", str(run), "--overwrite", "--max-steps", "1"], f"--out {run}: a tinytune run (pid {holder.pid})"),
+            (["export", str(finished_run), "--out", str(run), "--overwrite"], f"(pid {holder.pid}) is training there"),
+        ):
+            code, err = run_cli(capsys, *argv)
+            assert code == 2 and message in err and len(err.splitlines()) == 1, err
+            assert tree(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert RunLock.holder(run) is None  # the kernel dropped it with the process; the file alone stops nothing

@@ -9,12 +9,13 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tinytune import train
-from tinytune.tui import train_with_ui
+from tinytune.tui import sources, train_with_ui
 from tinytune.tui.app import ConfirmStop, HelpScreen, MonitorApp, TinytuneApp
 from tinytune.tui.sources import FileSource, QueueSource
 from tinytune.tui.view import RunView
@@ -105,6 +106,33 @@ def test_file_source_reads_whole_lines_and_notices_a_rewrite(tmp_path):
         f.write(json.dumps({"step": 1, "event": "finished", "total_steps": 1}) + "\n")
     source.poll()
     assert not source.live
+
+
+def test_a_monitored_run_is_live_while_a_trainer_holds_it_however_slow_its_steps(tmp_path):
+    from tinytune.rundir import RunLock
+
+    (tmp_path / "plan.json").write_text(json.dumps(PLAN))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps(step_record(1, 3.0)) + "\n")
+    old = time.time() - 10 * sources.LIVE_WINDOW_S  # no record for ten minutes: a slow step, or a dead trainer
+    os.utime(metrics, (old, old))
+    source = FileSource(tmp_path)
+    source.poll()
+    assert not source.live
+    with RunLock() as lock:
+        lock.take(tmp_path, "--out")
+        assert source.live
+    assert not source.live
+
+
+def test_the_monitor_starts_without_torch():
+    """`tinytune monitor` only reads files: its modules leave torch (seconds to import) alone."""
+    import subprocess
+
+    code = ("import sys; import tinytune.cli, tinytune.tui, tinytune.tui.app, tinytune.tui.sources, tinytune.tui.host; "
+            "assert 'torch' not in sys.modules, 'the monitor imported torch'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 def test_plot_draws_train_line_and_eval_marks():

@@ -6,6 +6,7 @@
     RUN_DIR/adapter.safetensors  trainable adapter tensors, by module name
     RUN_DIR/peft/                the same adapter in PEFT's format
     RUN_DIR/checkpoints/         the newest periodic checkpoints (see checkpoint.py)
+    RUN_DIR/.lock                held by the trainer writing the run (see RunLock)
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from tinytune.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not guarded against a second trainer
+    fcntl = None
+
 RUN_FILES = ("config.json", "plan.json", "metrics.jsonl", "adapter.safetensors", "peft", "checkpoints")
 FORMAT_VERSION = 1
+LOCK_FILE = ".lock"
 
 
 def default_path(model_name: str) -> Path:
@@ -36,6 +44,9 @@ def check_output(path: Path, overwrite: bool) -> None:
     """Refuse a directory that already holds something, unless told to overwrite."""
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: exists and is a file; choose a directory path")
+    if path.is_dir() and (pid := RunLock.holder(path)):
+        raise UserError(f"--out {path}: a tinytune run (pid {pid}) is training there now; stop it first (q in its "
+                        f"terminal UI, Ctrl-C, or kill -TERM {pid}) or choose another --out")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         if any(path.glob("model*.safetensors*")):
             holds = "a model"
@@ -61,6 +72,63 @@ def create(path: Path, overwrite: bool) -> Path:
     except OSError as e:
         raise UserError(f"--out {path}: cannot create the run directory ({e.strerror})") from None
     return path
+
+
+class RunLock:
+    """The trainer writing a run directory holds an advisory lock (flock) on RUN_DIR/.lock from before
+    its first write to its end, so that a second trainer (--resume, --overwrite, the same --out) is
+    refused meanwhile instead of writing over it. The kernel drops the lock when the process ends,
+    however it ends: a killed run leaves no stale lock, only the file."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.path: Path | None = None
+
+    @staticmethod
+    def holder(run_dir: Path) -> int | None:
+        """The pid of a live trainer holding ``run_dir`` (-1 when it has not written it yet), else None."""
+        if fcntl is None:
+            return None
+        try:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted unless a trainer holds it
+            return None
+        except BlockingIOError:
+            return int(os.read(fd, 32) or -1)
+        finally:
+            os.close(fd)
+
+    def take(self, run_dir: Path, flag: str) -> None:
+        """Hold ``run_dir`` for this process, or raise UserError naming the trainer that holds it."""
+        if fcntl is None:
+            return
+        path = run_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = int(os.read(fd, 32) or -1)
+            os.close(fd)
+            raise UserError(f"{flag} {run_dir}: a tinytune run (pid {pid}) is training it now; stop it first (q in "
+                            f"its terminal UI, Ctrl-C, or kill -TERM {pid})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _umask() -> int:
@@ -99,6 +167,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file  # here: the monitor, which reads this module, starts without torch
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -267,10 +267,12 @@ def after_oom(loop: LoopState, model, micro_batch: int, step: int) -> dict:
             "gradient_checkpointing": loop.gradient_checkpointing, "plain_layers": loop.plain_layers}
 
 
-def open_resume(run_dir: Path, overrides: dict, say) -> tuple[TrainConfig, dict, checkpoint.Checkpoint]:
-    """Check a run directory for --resume and read its newest readable checkpoint."""
+def open_resume(run_dir: Path, overrides: dict, say, lock: rundir.RunLock) -> tuple[TrainConfig, dict, checkpoint.Checkpoint]:
+    """Check a run directory for --resume, take it from any other trainer and read its newest readable
+    checkpoint."""
     if not (run_dir / "config.json").is_file():
         raise UserError(f"--resume {run_dir}: not a tinytune run directory (no config.json); pass the --out of a run")
+    lock.take(run_dir, "--resume")
     cfg = TrainConfig.load(run_dir / "config.json")
     if overrides:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
@@ -291,13 +293,19 @@ def open_resume(run_dir: Path, overrides: dict, say) -> tuple[TrainConfig, dict,
 
 def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFlag | None = None, stream=None,
         resume: Path | None = None, overrides: dict | None = None, show_progress: bool = True) -> Path:
-    """Train one adapter as ``cfg`` says, or continue the run in ``resume``; returns the run directory."""
+    """Train one adapter as ``cfg`` says, or continue the run in ``resume``; returns the run directory.
+    The run directory is locked against a second trainer from before the first write to the end."""
+    with rundir.RunLock() as lock:
+        return _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock)
+
+
+def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: rundir.RunLock) -> Path:
     say = (lambda text: print(text, file=stream, flush=True)) if stream is not None else (lambda text: print(text, flush=True))
     emit = listener or (lambda _record: None)
     stop = stop or StopFlag()
     ckpt = None
     if resume is not None:
-        cfg, plan_record, ckpt = open_resume(resume, overrides or {}, say)
+        cfg, plan_record, ckpt = open_resume(resume, overrides or {}, say, lock)
         cfg.out = str(resume)
 
     # 1. Check every input before anything is written.
@@ -373,6 +381,7 @@ def run(cfg: TrainConfig | None, listener: Listener | None = None, stop: StopFla
 
     if ckpt is None:
         rundir.create(out, cfg.overwrite)
+        lock.take(out, "--out")
         cfg.save(out / "config.json")
         rundir.write_json(out / "plan.json", plan_record)
     emit({"event": "plan", "run_dir": str(out), "plan": plan_record})

@@ -7,7 +7,9 @@ import queue
 import time
 from pathlib import Path
 
-LIVE_WINDOW_S = 60.0  # a run whose metrics.jsonl has not grown for this long is shown as not live
+from tinytune.rundir import RunLock
+
+LIVE_WINDOW_S = 60.0  # a run no trainer holds whose metrics.jsonl has not grown for this long is not live
 
 
 class QueueSource:
@@ -51,8 +53,11 @@ class FileSource:
 
     @property
     def live(self) -> bool:
-        """Still being written: no end record, and the file grew within the last minute."""
-        return not self.ended and time.time() - self.mtime < LIVE_WINDOW_S
+        """Still being written: no end record, and a trainer holds the run (however long its steps take)
+        or, where locks do not reach (a filesystem without them), the file grew within the last minute."""
+        if self.ended:
+            return False
+        return RunLock.holder(self.run_dir) is not None or time.time() - self.mtime < LIVE_WINDOW_S
 
     def poll(self) -> list[dict]:
         out: list[dict] = []
