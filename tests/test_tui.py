@@ -109,6 +109,8 @@ def test_file_source_reads_whole_lines_and_notices_a_rewrite(tmp_path):
 
 
 def test_a_monitored_run_is_live_while_a_trainer_holds_it_however_slow_its_steps(tmp_path):
+    """Live while a trainer holds the run, whenever its last record was; not live once the trainer is
+    gone, at once; without a lock file, live while records came within the last minute."""
     from tinytune.rundir import RunLock
 
     (tmp_path / "plan.json").write_text(json.dumps(PLAN))
@@ -123,6 +125,12 @@ def test_a_monitored_run_is_live_while_a_trainer_holds_it_however_slow_its_steps
         lock.take(tmp_path, "--out")
         assert source.live
     assert not source.live
+    (tmp_path / ".lock").write_text("4242")  # what a killed trainer leaves: the file, no lock
+    os.utime(metrics)  # its last record just now
+    source.poll()
+    assert not source.live
+    (tmp_path / ".lock").unlink()  # no lock file (a filesystem without locks): records of the last minute
+    assert source.live
 
 
 def test_the_monitor_starts_without_torch():

@@ -85,6 +85,11 @@ class RunLock:
         self.path: Path | None = None
 
     @staticmethod
+    def guarded(run_dir: Path) -> bool:
+        """Whether a trainer has locked ``run_dir`` (and may still hold it): the lock file exists."""
+        return fcntl is not None and (run_dir / LOCK_FILE).exists()
+
+    @staticmethod
     def holder(run_dir: Path) -> int | None:
         """The pid of a live trainer holding ``run_dir`` (-1 when it has not written it yet), else None."""
         if fcntl is None:
@@ -114,6 +119,10 @@ class RunLock:
             os.close(fd)
             raise UserError(f"{flag} {run_dir}: a tinytune run (pid {pid}) is training it now; stop it first (q in "
                             f"its terminal UI, Ctrl-C, or kill -TERM {pid})") from None
+        except OSError:  # a filesystem without locks: train unguarded, and leave no file that suggests a lock
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            return
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd, self.path = fd, path

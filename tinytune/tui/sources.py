@@ -53,11 +53,14 @@ class FileSource:
 
     @property
     def live(self) -> bool:
-        """Still being written: no end record, and a trainer holds the run (however long its steps take)
-        or, where locks do not reach (a filesystem without them), the file grew within the last minute."""
+        """Still being written: no end record, and a trainer holds the run (however long its steps take;
+        a killed one holds nothing) or, where it could not lock the run (a filesystem without locks),
+        the file grew within the last minute."""
         if self.ended:
             return False
-        return RunLock.holder(self.run_dir) is not None or time.time() - self.mtime < LIVE_WINDOW_S
+        if RunLock.guarded(self.run_dir):
+            return RunLock.holder(self.run_dir) is not None
+        return time.time() - self.mtime < LIVE_WINDOW_S
 
     def poll(self) -> list[dict]:
         out: list[dict] = []
