@@ -116,9 +116,9 @@ def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float
     if name == "adamw":
         cls = torch.optim.AdamW
     else:
-        from tinytune.quant import _bnb
+        from tinytune.quant import load_bnb
 
-        bnb = _bnb()
+        bnb = load_bnb()
         # On a CPU bitsandbytes falls back to unpaged state (it says so on every parameter); same math.
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         cls = {"paged-adamw-8bit": bnb.optim.PagedAdamW8bit, "paged-adamw-32bit": bnb.optim.PagedAdamW32bit}[name]

@@ -37,7 +37,7 @@ NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def _bnb():
+def load_bnb():
     import bitsandbytes as bnb  # imported late: it prints diagnostics on import
 
     return bnb
@@ -45,7 +45,7 @@ def _bnb():
 
 def quantize_linear(linear: nn.Linear, bits: int, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
     """Return a bitsandbytes replacement for ``linear`` living on ``device`` (quantized there)."""
-    bnb = _bnb()
+    bnb = load_bnb()
     weight = linear.weight.data
     bias = linear.bias.data if linear.bias is not None else None
     if bits == 4:
@@ -110,12 +110,12 @@ def int8_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    bnb = _bnb()
+    bnb = load_bnb()
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def quantized_bits(module: nn.Module) -> int | None:
-    bnb = _bnb()
+    bnb = load_bnb()
     if isinstance(module, bnb.nn.Linear4bit):
         return 4
     if isinstance(module, bnb.nn.Linear8bitLt):
@@ -129,7 +129,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     For a quantized layer this is the dequantized value — the weight an adapter was trained against —
     not the original 16-bit weight, so merging into it reproduces the adapter model's outputs.
     """
-    bnb = _bnb()
+    bnb = load_bnb()
     if isinstance(module, bnb.nn.Linear4bit):
         w = module.weight
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
@@ -176,7 +176,7 @@ class Traceable4bit:
 
 def traceable_4bit(module: nn.Module) -> int:
     """Run every 4-bit layer under ``module`` as tensor operations (``Traceable4bit``); returns how many."""
-    bnb = _bnb()
+    bnb = load_bnb()
     n = 0
     for m in module.modules():
         if isinstance(m, bnb.nn.Linear4bit) and not isinstance(m, Traceable4bit):
