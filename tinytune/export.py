@@ -130,6 +130,10 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
             raise UserError(f"--out {out}: cannot write the export ({e.strerror or e}); free space or choose another "
                             "directory") from None
         raise
-    say(f"merged {n} layers ({cfg.bits}-bit base dequantized + {cfg.technique} delta, fp32 math) → {dtype} "
-        f"HF model at {out} in {time.perf_counter() - t0:.1f}s")
+    if cfg.technique == "full":
+        what = "fully fine-tuned weights"
+    else:
+        base = f"{cfg.bits}-bit base dequantized" if cfg.bits < 16 else "16-bit base"
+        what = f"merged {n} linear layers ({base} + {cfg.technique} delta, fp32 math)"
+    say(f"{what} → {dtype} HF model at {out} in {time.perf_counter() - t0:.1f}s")
     return out
