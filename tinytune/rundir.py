@@ -47,7 +47,7 @@ def check_output(path: Path, overwrite: bool) -> None:
     if path.is_dir() and (pid := RunLock.holder(path)):
         raise UserError(f"--out {path}: a tinytune run (pid {pid}) is training there now; stop it first (q in its "
                         f"terminal UI, Ctrl-C, or kill -TERM {pid}) or choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
         if any(path.glob("model*.safetensors*")):
             holds = "a model"
         else:
