@@ -218,7 +218,7 @@ def test_a_run_being_trained_is_not_resumed_or_overwritten_by_a_second_trainer(f
     """While a trainer holds a run directory (here another process holding its lock, as a live run
     does), --resume, --out with --overwrite and export --overwrite into it are refused with its pid
     and nothing changes; once that process is killed the lock is gone with it."""
-    from tinytune.rundir import RunLock
+    from tinytune.rundir import RunLock, check_output
 
     run = _copy_run(finished_run, tmp_path / "live")
     holder = subprocess.Popen(
@@ -241,3 +241,7 @@ def test_a_run_being_trained_is_not_resumed_or_overwritten_by_a_second_trainer(f
         holder.kill()
         holder.wait()
     assert RunLock.holder(run) is None  # the kernel dropped it with the process; the file alone stops nothing
+    killed_early = tmp_path / "killed-early"  # a trainer killed between taking the lock and its first record
+    killed_early.mkdir()
+    (killed_early / ".lock").write_text(str(holder.pid))
+    check_output(killed_early, overwrite=False)  # no run there: no --overwrite needed
