@@ -64,6 +64,22 @@ def test_a_4bit_layer_trains_after_an_eval_pass_as_before_it():
     torch.testing.assert_close(quant.dequantized_weight(q), w, rtol=0, atol=0)
 
 
+def test_8bit_layers_log_no_warning_per_matmul(caplog):
+    """bitsandbytes logs that LLM.int8 casts a bf16/fp32 input to fp16 on every 8-bit matmul (42 lines
+    for two steps of a 2-layer model); that one message is dropped, the logger's others are not."""
+    import logging
+
+    q = quant.quantize_linear(torch.nn.Linear(64, 32, bias=False), 8, torch.device("cpu"), torch.float32)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            q(torch.randn(2, 64, requires_grad=True)).sum().backward()
+        q.eval()  # evaluation takes bitsandbytes' inference matmul, which logged on every call
+        with torch.no_grad():
+            q(torch.randn(2, 64))
+        logging.getLogger("bitsandbytes.autograd._functions").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
 def test_model_id_resolves_from_the_offline_hf_cache(tiny_model_dir, tmp_path, monkeypatch):
     from huggingface_hub import constants
 

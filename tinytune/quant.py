@@ -35,6 +35,10 @@ NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
 # bitsandbytes' CPU backend looks for an optional bf16 inference kernel on import and, on a CPU with
 # AVX512-BF16, warns that it is missing; that path is turned off here (see quantize_linear).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# LLM.int8 quantizes every input through fp16 by design, and bitsandbytes logs a warning saying so
+# on every 8-bit matmul of a bf16 or fp32 input: thousands of lines a run. Only that one is dropped.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: not str(record.msg).startswith("MatMul8bitLt: inputs will be cast"))
 
 
 def load_bnb():
