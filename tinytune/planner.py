@@ -181,8 +181,9 @@ def _best_in_family(shape, budget, fixed, seq_len, technique, bits, scale) -> tu
     """The best candidate of one (technique, bits) family: rank first, then throughput.
 
     Returns (candidate, fits); when nothing fits, the smallest candidate of the family."""
+    limit = _max_rank(shape, technique, fixed.targets)
     ranks = [fixed.rank] if fixed.rank else [r for r in (VERA_RANKS if technique == "vera" else RANKS)
-                                               if r <= _max_rank(shape, technique, fixed.targets)] or [1]
+                                               if r <= limit] or [1]
     if technique == "full":
         ranks = [0]
     mbs = [fixed.micro_batch] if fixed.micro_batch else [m for m in MICRO_BATCHES if m <= EFFECTIVE_BATCH]

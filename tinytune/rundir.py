@@ -102,7 +102,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted unless a trainer holds it
             return None
         except BlockingIOError:
-            return int(os.read(fd, 32) or -1)
+            return _pid_in(fd)
         finally:
             os.close(fd)
 
@@ -111,11 +111,11 @@ class RunLock:
         if fcntl is None:
             return
         path = run_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # os.open applies the umask itself
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = int(os.read(fd, 32) or -1)
+            pid = _pid_in(fd)
             os.close(fd)
             raise UserError(f"{flag} {run_dir}: a tinytune run (pid {pid}) is training it now; stop it first (q in "
                             f"its terminal UI, Ctrl-C, or kill -TERM {pid})") from None
@@ -138,6 +138,11 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _pid_in(fd: int) -> int:
+    """The pid a lock holder wrote into its lock file (-1 when it has not written it yet)."""
+    return int(os.read(fd, 32) or -1)
 
 
 def _umask() -> int:
