@@ -61,6 +61,8 @@ def bad_inputs(tmp_path, tiny_model_dir, demo_file, finished_run):
     binary.write_bytes(bytes(range(256)) * 64)
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "a", "completion": "b"}])
     wrong_type = write_jsonl(tmp_path / "wrongtype.jsonl", [{"instruction": "a", "output": 42}])
+    array = tmp_path / "array.json"
+    array.write_text('[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "c", "output": "d"}\n]\n')
     huge = tmp_path / "huge.jsonl"
     with open(huge, "w") as f:
         f.write('{"text": "' + "a" * (100 * 2**20) + '"}\n')
@@ -89,6 +91,7 @@ def bad_inputs(tmp_path, tiny_model_dir, demo_file, finished_run):
         "missing dataset": (["--model", m, "--data", str(tmp_path / "none.jsonl")], "no such file"),
         "empty dataset": (["--model", m, "--data", str(empty)], "no records"),
         "malformed line": (["--model", m, "--data", str(malformed)], "malformed.jsonl:2: not valid JSON"),
+        "JSON array without a comma": (["--model", m, "--data", str(array)], "array.json:3: not valid JSON (Expecting ','"),
         "non-UTF-8 data": (["--model", m, "--data", str(latin1)], "latin1.jsonl:2: not UTF-8"),
         "binary data": (["--model", m, "--data", str(binary)], "looks binary"),
         "wrong fields": (["--model", m, "--data", str(wrong)], "wrong.jsonl:1: unknown record (keys: completion, prompt)"),
@@ -146,7 +149,8 @@ def bad_inputs(tmp_path, tiny_model_dir, demo_file, finished_run):
 
 
 CASES = ["missing model", "non-causal model", "unsupported architecture", "corrupt safetensors weights",
-         "corrupt gguf", "not a gguf", "missing dataset", "empty dataset", "malformed line", "non-UTF-8 data",
+         "corrupt gguf", "not a gguf", "missing dataset", "empty dataset", "malformed line", "JSON array without a comma",
+         "non-UTF-8 data",
          "binary data", "wrong fields", "wrong field type", "a 100 MB line", "data is a directory", "bad vram",
          "zero vram", "vram below the CUDA context", "unknown gpu", "unknown model preset",
          "seq-len beyond the context", "occupied out", "unwritable out", "rank 0", "rank too big",

@@ -88,7 +88,7 @@ def test_micro_batches_are_seeded_and_resumable():
     ('{"messages": [{"role": "bot", "content": "x"}]}\n', ":1: messages[0] needs \"role\""),
     ('{"messages": [{"role": "user", "content": "x"}]}\n', ":1: the conversation has no assistant message"),
     ('{"text": ""}\n', ":1: \"text\" must be a non-empty string"),
-    ('{"text": "a"}\n{"instruction": "a", "output": "b"}\n', ":2: a alpaca record in a text dataset"),
+    ('{"text": "a"}\n{"instruction": "a", "output": "b"}\n', ":2: an alpaca record in a text dataset"),
     ('\n\n', "no records"),
 ])
 def test_bad_records_name_file_and_line(tmp_path, content, expected):
@@ -112,6 +112,69 @@ def test_non_utf8_and_binary_and_missing(tmp_path):
         data.read_records(tmp_path / "nope.jsonl")
     with pytest.raises(UserError, match="is a directory"):
         data.read_records(tmp_path)
+
+
+def test_a_json_array_reads_as_its_records_would_line_by_line(tmp_path, demo_rows):
+    rows = demo_rows[:5]
+    array = tmp_path / "alpaca_data.json"
+    array.write_text(json.dumps(rows, indent=4, ensure_ascii=False))  # as the Stanford Alpaca file ships
+    assert data.read_records(array) == data.read_records(write_jsonl(tmp_path / "rows.jsonl", rows))
+    windows = "[\r\n" + ",\r\n".join(json.dumps(r) for r in rows) + "\r\n]\r\n"
+    array.write_bytes(b"\xef\xbb\xbf" + windows.encode())  # as Notepad saves it
+    assert data.read_records(array) == ("alpaca", rows)
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]', ":3: not valid JSON (Expecting ',' delimiter at column 22)"),
+    ('[\n {"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}\n]', ":3: not valid JSON (Expecting ',' delimiter at column 2)"),
+    ('[\n {"instruction": "a", "output": "b"},\n\n  {"text": "c"}\n]', ":4: a text record in an alpaca dataset"),
+    ('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c"}]', ":3: an alpaca record needs a string \"output\""),
+    ('[{"instruction": "a", "output": "b"},', ":1: not valid JSON (Expecting value at column 38)"),
+    ('[{"instruction": "a", "output": "b"}]\n[]', ":2: not valid JSON (Extra data after the array at column 1)"),
+    ('[\n\n  "text"]', ":3: expected a JSON object, got str"),
+    (' [ ]\n', "no records (the array is empty); add objects to it"),
+])
+def test_a_bad_json_array_names_the_line_of_the_bad_record(tmp_path, content, expected):
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    with pytest.raises(UserError) as e:
+        data.read_records(p)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path, tok):
+    rows = [{"text": "one"}, {"text": "two"}]
+    bom = tmp_path / "notepad.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r) for r in rows).encode())
+    assert data.read_records(bom) == ("text", rows)
+    book = tmp_path / "book.txt"
+    book.write_bytes(b"\xef\xbb\xbfOnce upon a time.")
+    assert data.read_records(book) == ("text-file", ["Once upon a time."])
+
+
+def test_sharegpt_conversations_train_as_the_same_messages_would(tok):
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "One?"},
+                                  {"from": "gpt", "value": "Uno."}, {"from": "human", "value": "Two?"},
+                                  {"from": "gpt", "value": "Dos."}]}
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One?"},
+                         {"role": "assistant", "content": "Uno."}, {"role": "user", "content": "Two?"},
+                         {"role": "assistant", "content": "Dos."}]}
+    assert data._record_format(sharegpt, "x", 1) == data._record_format(chat, "x", 1) == "chat"
+    assert data.to_messages(sharegpt) == data.to_messages(chat)
+    assert data.encode_chat(tok, data.to_messages(sharegpt), False) == data.encode_chat(tok, data.to_messages(chat), False)
+
+
+@pytest.mark.parametrize("record,expected", [
+    ({"conversations": []}, "\"conversations\" must be a non-empty list of {\"from\", \"value\"} objects"),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0] needs \"from\" (system, human or gpt)"),
+    ({"conversations": [{"from": "human", "value": 3}]}, "conversations[0] needs \"from\" (system, human or gpt) and a string \"value\""),
+    ({"conversations": [{"from": "human", "value": "x"}]}, "the conversation has no gpt turn to learn from"),
+])
+def test_bad_sharegpt_records_say_what_is_wrong(tmp_path, record, expected):
+    p = write_jsonl(tmp_path / "sharegpt.jsonl", [record])
+    with pytest.raises(UserError, match=":1: ") as e:
+        data.read_records(p)
+    assert expected in str(e.value)
 
 
 def test_demo_dataset_ships_and_is_valid():
@@ -140,7 +203,7 @@ def _one_line_or_records(path):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(blob=st.binary(max_size=400), suffix=st.sampled_from([".jsonl", ".txt"]))
+@given(blob=st.binary(max_size=400), suffix=st.sampled_from([".jsonl", ".json", ".txt"]))
 def test_any_bytes_give_records_or_one_line(tmp_path, blob, suffix):
     p = tmp_path / f"any{suffix}"
     p.write_bytes(blob)
@@ -155,6 +218,16 @@ def test_any_json_lines_give_records_of_one_format_or_one_line(tmp_path, rows):
     if got is not None:
         fmt, records = got
         assert all(data._record_format(r, p, 0) == fmt for r in records)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.dictionaries(FIELDS, JSON | st.text(max_size=30), max_size=4), max_size=6),
+       indent=st.sampled_from([None, 1, "\t"]))
+def test_a_json_array_gives_what_its_lines_give(tmp_path, rows, indent):
+    lines = _one_line_or_records(write_jsonl(tmp_path / "rows.jsonl", [json.dumps(r) for r in rows]))
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps(rows, indent=indent))
+    assert _one_line_or_records(array) == lines
 
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=60).filter(str.strip)

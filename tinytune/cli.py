@@ -52,7 +52,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     d = TrainConfig()
     p.add_argument("--model", help="HF model directory, model id in the local HF cache, or a .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="JSONL (alpaca, chat or text records) or .txt file (default: the bundled demo set)")
+    p.add_argument("--data", help="JSONL or JSON array of alpaca, chat (messages or ShareGPT) or text records, or a .txt file (default: the bundled demo set)")
     p.add_argument("--out", help="run directory (default: runs/<time>-<model>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     _plan_choices(p)

@@ -1,9 +1,12 @@
 """JSONL / text → tokenized, masked, batched examples.
 
-Record formats, detected from the first record and then required of every line:
+Records come one JSON object per line (JSONL) or as one JSON array of objects (a ``.json`` file as
+many datasets ship); a leading UTF-8 byte-order mark is skipped. Record formats, detected from the
+first record and then required of every record:
 
 - alpaca:     {"instruction": str, "input"?: str, "output": str}
-- chat:       {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+- chat:       {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}, or ShareGPT's
+              {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
 - completion: {"text": str}, or a plain .txt file (cut into --seq-len windows)
 
 Alpaca and chat records are rendered with the tokenizer's chat template; the loss covers only the
@@ -12,6 +15,7 @@ assistant's tokens (labels of everything else are -100) unless ``train_on_prompt
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from tinytune.errors import UserError
 IGNORE = -100
 MAX_RECORD_BYTES = 8 * 2**20
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 @dataclass
@@ -58,27 +63,56 @@ def read_records(path: Path) -> tuple[str, list]:
     if not path.exists():
         raise UserError(f"--data {path}: no such file")
     if path.is_dir():
-        raise UserError(f"--data {path}: is a directory; pass a .jsonl or .txt file")
+        raise UserError(f"--data {path}: is a directory; pass a .jsonl, .json or .txt file")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"--data {path}: cannot read ({e.strerror})") from None
     if b"\x00" in raw[:8192]:
-        raise UserError(f"--data {path}: looks binary (NUL bytes); pass a UTF-8 .jsonl or .txt file")
+        raise UserError(f"--data {path}: looks binary (NUL bytes); pass a UTF-8 .jsonl, .json or .txt file")
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     if path.suffix.lower() == ".txt":
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise UserError(f"{path}:{line}: not UTF-8 text; re-save the file as UTF-8") from None
+        text = _decode(raw, path)
         if not text.strip():
             raise UserError(f"--data {path}: the file is empty; it needs some text to train on")
         return "text-file", [text]
+    array = raw.lstrip()[:1] == b"["
     fmt, records = None, []
+    for lineno, rec in _array_records(raw, path) if array else _line_records(raw, path):
+        kind = _record_format(rec, path, lineno)
+        if fmt is None:
+            fmt = kind
+        elif kind != fmt:
+            raise UserError(f"{path}:{lineno}: {_a(kind)} record in {_a(fmt)} dataset; keep one format per file")
+        records.append(rec)
+    if not records:
+        empty = "the array is empty); add objects to it" if array else "the file is empty); add one JSON object per line"
+        raise UserError(f"--data {path}: no records ({empty}")
+    return fmt, records
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text; re-save the file as UTF-8") from None
+
+
+def _too_long(path: Path, lineno: int, what: str, size: int) -> UserError:
+    return UserError(f"{path}:{lineno}: the {what} is {size / 2**20:.0f} MiB; records over "
+                     f"{MAX_RECORD_BYTES // 2**20} MiB (≈2M tokens, beyond any context) are refused: split it")
+
+
+def _line_records(raw: bytes, path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSONL file."""
     for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
         if len(line_bytes) > MAX_RECORD_BYTES:
-            raise UserError(f"{path}:{lineno}: the line is {len(line_bytes) / 2**20:.0f} MiB; records over "
-                            f"{MAX_RECORD_BYTES // 2**20} MiB (≈2M tokens, beyond any context) are refused: split it")
+            raise _too_long(path, lineno, "line", len(line_bytes))
         try:
             line = line_bytes.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -86,18 +120,47 @@ def read_records(path: Path) -> tuple[str, list]:
         if not line:
             continue
         try:
-            rec = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-        kind = _record_format(rec, path, lineno)
-        if fmt is None:
-            fmt = kind
-        elif kind != fmt:
-            raise UserError(f"{path}:{lineno}: a {kind} record in a {fmt} dataset; keep one format per file")
-        records.append(rec)
-    if not records:
-        raise UserError(f"--data {path}: no records (the file is empty); add one JSON object per line")
-    return fmt, records
+
+
+def _array_records(raw: bytes, path: Path) -> Iterator[tuple[int, object]]:
+    """(line number where it starts, value) of each element of a file holding one JSON array."""
+    text = _decode(raw, path)
+    decoder = json.JSONDecoder()
+    hint = "the file must be one JSON array of objects, or one object per line"
+
+    def fail(msg: str, pos: int):
+        line = text.count("\n", 0, pos) + 1
+        col = pos - text.rfind("\n", 0, pos)
+        raise UserError(f"{path}:{line}: not valid JSON ({msg} at column {col}); {hint}")
+
+    pos, line, counted = _skip_space(text, text.index("[") + 1), 1, 0
+    while not text.startswith("]", pos):
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            fail(e.msg, e.pos)
+        if end - pos > MAX_RECORD_BYTES:
+            raise _too_long(path, line, "record", end - pos)
+        yield line, value
+        pos = _skip_space(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif not text.startswith("]", pos):
+            fail("Expecting ',' delimiter", pos)
+    pos = _skip_space(text, pos + 1)
+    if pos < len(text):
+        fail("Extra data after the array", pos)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def _record_format(rec, path: Path, lineno: int) -> str:
@@ -114,6 +177,16 @@ def _record_format(rec, path: Path, lineno: int) -> str:
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{where}: the conversation has no assistant message to learn from")
         return "chat"
+    if "conversations" in rec:
+        turns = rec["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise UserError(f"{where}: \"conversations\" must be a non-empty list of {{\"from\", \"value\"}} objects")
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or not isinstance(t.get("value"), str) or t.get("from") not in SHAREGPT_ROLES:
+                raise UserError(f"{where}: conversations[{i}] needs \"from\" (system, human or gpt) and a string \"value\"")
+        if not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in turns):
+            raise UserError(f"{where}: the conversation has no gpt turn to learn from")
+        return "chat"
     if "instruction" in rec or "output" in rec:
         for key in ("instruction", "output"):
             if not isinstance(rec.get(key), str):
@@ -127,12 +200,14 @@ def _record_format(rec, path: Path, lineno: int) -> str:
         return "text"
     names = sorted(str(k).encode("unicode_escape").decode()[:40] for k in rec)  # one line, whatever the keys hold
     keys = ", ".join(names[:8]) + (f", … ({len(names)} keys)" if len(names) > 8 else "") or "none"
-    raise UserError(f"{where}: unknown record (keys: {keys}); use \"instruction\"+\"output\", \"messages\" or \"text\"")
+    raise UserError(f"{where}: unknown record (keys: {keys}); use \"instruction\"+\"output\", \"messages\", \"conversations\" or \"text\"")
 
 
 def to_messages(rec: dict) -> list[dict]:
     if "messages" in rec:
         return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+    if "conversations" in rec:
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in rec["conversations"]]
     prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
 
