@@ -177,6 +177,61 @@ def test_bad_sharegpt_records_say_what_is_wrong(tmp_path, record, expected):
     assert expected in str(e.value)
 
 
+# Gemma's chat template as it ships: no system role, and user/assistant turns must alternate.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+
+
+@pytest.fixture
+def gemma_tok(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = GEMMA_TEMPLATE
+    return tok
+
+
+def test_a_template_without_a_system_role_gets_the_system_message_in_the_first_user_turn(tmp_path, tok, gemma_tok):
+    rows = [{"messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": f"Count to {i}."},
+                          {"role": "assistant", "content": "un deux"}]} for i in range(6)]
+    p = write_jsonl(tmp_path / "chat.jsonl", rows + [{"messages": [{"role": "user", "content": "Hi."},
+                                                                  {"role": "assistant", "content": "Salut."}]}])
+    assert data.takes_system(tok) and not data.takes_system(gemma_tok)
+    ds = data.build(p, gemma_tok, seq_len=200, eval_fraction=0.3, train_on_prompt=False, seed=0)
+    assert ds.n_folded == 6 and ds.n_records == 7
+    folded = [{"role": "user", "content": "Answer in French.\n\nCount to 0."}, {"role": "assistant", "content": "un deux"}]
+    assert data.fold_system(data.to_messages(rows[0])) == folded
+    expected = data.encode_chat(gemma_tok, folded, train_on_prompt=False)
+    assert expected in ds.train + ds.eval
+    assert label_text(gemma_tok, expected) == "un deux<end_of_turn>\n"
+    assert [m["role"] for m in ds.sample_prompt] == ["user"]  # the sample's prompt is folded too
+    # a template with a system role keeps the records as they are
+    assert data.build(p, tok, 200, 0.3, False, 0).n_folded == 0
+
+
+def test_fold_system_keeps_every_turn_in_order():
+    s, u, a = ({"role": r, "content": r[0]} for r in ("system", "user", "assistant"))
+    assert data.fold_system([u, a]) == [u, a]
+    assert data.fold_system([s, s, u, a]) == [{"role": "user", "content": "s\n\ns\n\nu"}, a]
+    assert data.fold_system([u, a, s, u, a]) == [u, a, {"role": "user", "content": "s\n\nu"}, a]
+    assert data.fold_system([u, a, s]) == [u, a, s]  # nothing to fold into: the template's refusal names the record
+
+
+def test_a_conversation_the_template_refuses_names_its_line(tmp_path, gemma_tok):
+    rows = [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}] * 3
+    rows.append({"messages": [{"role": "user", "content": "Hi."}, {"role": "user", "content": "Hey?"},
+                              {"role": "assistant", "content": "Hello."}]})
+    p = tmp_path / "chat.jsonl"
+    p.write_text("\n\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(UserError) as e:
+        data.build(p, gemma_tok, 200, 0.0, False, 0)
+    assert str(e.value) == (f"{p}:7: the model's chat template refuses this conversation (Conversation roles must "
+                            "alternate user/assistant/user/assistant/...); change the record to the turns the template takes")
+
+
 def test_demo_dataset_ships_and_is_valid():
     fmt, records = data.read_records(data.demo_path())
     assert fmt == "alpaca" and len(records) >= 200

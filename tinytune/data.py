@@ -10,7 +10,8 @@ first record and then required of every record:
 - completion: {"text": str}, or a plain .txt file (cut into --seq-len windows)
 
 Alpaca and chat records are rendered with the tokenizer's chat template; the loss covers only the
-assistant's tokens (labels of everything else are -100) unless ``train_on_prompt``.
+assistant's tokens (labels of everything else are -100) unless ``train_on_prompt``. A template
+without a system role (Gemma's) gets each system message at the start of the next user message.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from tinytune.errors import UserError
 
@@ -52,6 +54,8 @@ class Dataset:
     sample_prompt: list[dict] | None
     """A held-out conversation (without its answer) for the before/after sample."""
     sample_answer: str | None
+    n_folded: int = 0
+    """Records whose system messages went into the next user message (see ``fold_system``)."""
 
 
 def demo_path() -> Path:
@@ -60,6 +64,12 @@ def demo_path() -> Path:
 
 def read_records(path: Path) -> tuple[str, list]:
     """Read and validate a dataset file; returns (format, records) or raises a file:line UserError."""
+    fmt, records, _lines = _read(path)
+    return fmt, records
+
+
+def _read(path: Path) -> tuple[str, list, list[int]]:
+    """(format, records, the line each record starts on)."""
     if not path.exists():
         raise UserError(f"--data {path}: no such file")
     if path.is_dir():
@@ -75,9 +85,9 @@ def read_records(path: Path) -> tuple[str, list]:
         text = _decode(raw, path)
         if not text.strip():
             raise UserError(f"--data {path}: the file is empty; it needs some text to train on")
-        return "text-file", [text]
+        return "text-file", [text], [1]
     array = raw.lstrip()[:1] == b"["
-    fmt, records = None, []
+    fmt, records, lines = None, [], []
     for lineno, rec in _array_records(raw, path) if array else _line_records(raw, path):
         kind = _record_format(rec, path, lineno)
         if fmt is None:
@@ -85,10 +95,11 @@ def read_records(path: Path) -> tuple[str, list]:
         elif kind != fmt:
             raise UserError(f"{path}:{lineno}: {_a(kind)} record in {_a(fmt)} dataset; keep one format per file")
         records.append(rec)
+        lines.append(lineno)
     if not records:
         empty = "the array is empty); add objects to it" if array else "the file is empty); add one JSON object per line"
         raise UserError(f"--data {path}: no records ({empty}")
-    return fmt, records
+    return fmt, records, lines
 
 
 def _a(noun: str) -> str:
@@ -251,11 +262,46 @@ def encode_text(tok, text: str) -> Example:
     return Example(ids, list(ids))
 
 
+def takes_system(tok) -> bool:
+    """False for a chat template that refuses a system message but takes the conversation without it."""
+    convo = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    try:
+        tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + convo, tokenize=False)
+        return True
+    except TemplateError:
+        pass
+    try:
+        tok.apply_chat_template(convo, tokenize=False)
+    except TemplateError:
+        return True  # it refuses more than the system role: each record's own error says what
+    return False
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """System messages moved to the start of the next user message, as Gemma's model card advises
+    for its template, which has no system role. One with no user message after it stays (and the
+    template's refusal then names its record)."""
+    out, pending = [], []
+    for m in messages:
+        if m["role"] == "system":
+            pending.append(m)
+            continue
+        if pending and m["role"] == "user":
+            m = {"role": "user", "content": "\n\n".join([p["content"] for p in pending] + [m["content"]])}
+            pending = []
+        out.append(m)
+    return out + pending
+
+
 def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: bool, seed: int) -> Dataset:
-    fmt, records = read_records(path)
+    fmt, records, lines = _read(path)
     examples: list[Example] = []
     origins: list[int] = []  # record index of each example
-    truncated = dropped = 0
+    truncated = dropped = folded = 0
+    conversations = [to_messages(rec) for rec in records] if fmt in ("alpaca", "chat") else []
+    if any(m["role"] == "system" for c in conversations for m in c) and not takes_system(tok):
+        folded = sum(any(m["role"] == "system" for m in c) for c in conversations)
+        conversations = [fold_system(c) for c in conversations]
     if fmt == "text-file":
         ids = encode_text(tok, records[0]).input_ids
         for i in range(0, len(ids), seq_len):
@@ -264,7 +310,12 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
                 examples.append(Example(window, list(window)))
     else:
         for index, rec in enumerate(records):
-            ex = encode_text(tok, rec["text"]) if fmt == "text" else encode_chat(tok, to_messages(rec), train_on_prompt)
+            try:
+                ex = encode_text(tok, rec["text"]) if fmt == "text" else encode_chat(tok, conversations[index], train_on_prompt)
+            except TemplateError as e:
+                reason = " ".join(str(e).split())
+                raise UserError(f"{path}:{lines[index]}: the model's chat template refuses this conversation "
+                                f"({reason}); change the record to the turns the template takes") from None
             if len(ex.input_ids) > seq_len:
                 truncated += 1
                 ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
@@ -285,13 +336,13 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
     sample_prompt = sample_answer = None
     if fmt in ("alpaca", "chat") and eval_idx:
         # The first held-out record, minus its last answer, is the before/after generation sample.
-        msgs = to_messages(records[origins[eval_idx[0]]])
+        msgs = conversations[origins[eval_idx[0]]]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         sample_prompt, sample_answer = msgs[:last], msgs[last]["content"]
     return Dataset(
         train=[examples[i] for i in train_idx], eval=[examples[i] for i in eval_idx], format=fmt,
         n_records=len(records), n_truncated=truncated, n_dropped=dropped,
-        sample_prompt=sample_prompt, sample_answer=sample_answer,
+        sample_prompt=sample_prompt, sample_answer=sample_answer, n_folded=folded,
     )
 
 

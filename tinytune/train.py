@@ -335,6 +335,9 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
         cfg.seq_len = max(len(e.input_ids) for e in ds.train + ds.eval)
     say(f"data: {data_path.name} ({ds.format}, {ds.n_records} records) → {len(ds.train)} train / {len(ds.eval)} eval examples; "
         f"{ds.n_truncated} truncated to {cfg.seq_len} tokens, {ds.n_dropped} dropped (nothing left to learn)")
+    if ds.n_folded:
+        say(f"data: the chat template has no system role; system messages open the next user message instead "
+            f"({ds.n_folded} record{'s' if ds.n_folded != 1 else ''})")
     if cfg.pack:
         n_examples = len(ds.train)
         ds.train = data.pack(ds.train, cfg.seq_len, cfg.seed)
