@@ -39,6 +39,16 @@ def test_chat_loss_covers_every_assistant_turn_and_nothing_else(tok):
         assert prompt_word not in text
 
 
+def test_an_assistant_message_of_weight_0_is_context_not_learned(tok):
+    msgs = [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "Uno.", "weight": 0},
+            {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "Dos.", "weight": 1}]
+    assert data.to_messages({"messages": msgs}) == msgs
+    ex = data.encode_chat(tok, msgs, train_on_prompt=False)
+    assert label_text(tok, ex).strip() == "Dos.<|im_end|>"
+    unweighted = data.encode_chat(tok, [{k: v for k, v in m.items() if k != "weight"} for m in msgs], False)
+    assert ex.input_ids == unweighted.input_ids and "Uno." in label_text(tok, unweighted)
+
+
 def test_text_records_train_on_everything_and_end_with_eos(tok):
     ex = data.encode_text(tok, "plain text")
     assert ex.labels == ex.input_ids and ex.input_ids[-1] == tok.eos_token_id
@@ -87,6 +97,14 @@ def test_micro_batches_are_seeded_and_resumable():
     ('{"messages": []}\n', ":1: \"messages\" must be a non-empty list"),
     ('{"messages": [{"role": "bot", "content": "x"}]}\n', ":1: messages[0] needs \"role\""),
     ('{"messages": [{"role": "user", "content": "x"}]}\n', ":1: the conversation has no assistant message"),
+    ('{"messages": [{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}]}\n',
+     ':1: messages[0] has "weight" 0; it must be 0 (do not learn) or 1, and only on an assistant message'),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}]}\n',
+     ':1: messages[1] has "weight" 0.5'),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": true}]}\n',
+     ':1: messages[1] has "weight" true'),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}\n',
+     ':1: every assistant message has "weight" 0, so there is nothing to learn'),
     ('{"text": ""}\n', ":1: \"text\" must be a non-empty string"),
     ('{"text": "a"}\n{"instruction": "a", "output": "b"}\n', ":2: an alpaca record in a text dataset"),
     ('\n\n', "no records"),

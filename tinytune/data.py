@@ -5,7 +5,8 @@ many datasets ship); a leading UTF-8 byte-order mark is skipped. Record formats,
 first record and then required of every record:
 
 - alpaca:     {"instruction": str, "input"?: str, "output": str}
-- chat:       {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}, or ShareGPT's
+- chat:       {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
+              (an assistant message of weight 0 is context, not learned, as in OpenAI's format), or ShareGPT's
               {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
 - completion: {"text": str}, or a plain .txt file (cut into --seq-len windows)
 
@@ -185,8 +186,14 @@ def _record_format(rec, path: Path, lineno: int) -> str:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
                 raise UserError(f"{where}: messages[{i}] needs \"role\" (system, user or assistant) and a string \"content\"")
+            if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+                raise UserError(f"{where}: messages[{i}] has \"weight\" {json.dumps(m['weight'])[:20]}; "
+                                "it must be 0 (do not learn) or 1, and only on an assistant message")
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{where}: the conversation has no assistant message to learn from")
+        if not any(m["role"] == "assistant" and m.get("weight", 1) for m in msgs):
+            raise UserError(f"{where}: every assistant message has \"weight\" 0, so there is nothing to learn; "
+                            "set one to 1 or drop the record")
         return "chat"
     if "conversations" in rec:
         turns = rec["conversations"]
@@ -216,7 +223,7 @@ def _record_format(rec, path: Path, lineno: int) -> str:
 
 def to_messages(rec: dict) -> list[dict]:
     if "messages" in rec:
-        return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+        return [{k: m[k] for k in ("role", "content", "weight") if k in m} for m in rec["messages"]]
     if "conversations" in rec:
         return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in rec["conversations"]]
     prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
@@ -224,11 +231,12 @@ def to_messages(rec: dict) -> list[dict]:
 
 
 def encode_chat(tok, messages: list[dict], train_on_prompt: bool) -> Example:
-    """Tokenize a conversation; labels cover the assistant turns (character spans → token offsets)."""
+    """Tokenize a conversation; labels cover the assistant turns (character spans → token offsets),
+    except those of ``"weight": 0`` (OpenAI's fine-tuning format)."""
     full = tok.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
         before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
@@ -337,7 +345,7 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
     if fmt in ("alpaca", "chat") and eval_idx:
         # The first held-out record, minus its last answer, is the before/after generation sample.
         msgs = conversations[origins[eval_idx[0]]]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("weight", 1))
         sample_prompt, sample_answer = msgs[:last], msgs[last]["content"]
     return Dataset(
         train=[examples[i] for i in train_idx], eval=[examples[i] for i in eval_idx], format=fmt,
