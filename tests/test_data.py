@@ -89,32 +89,51 @@ def test_micro_batches_are_seeded_and_resumable():
     assert a == b and a[5:] == c
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('{"instruction": "a", "output": "b"}\n{not json}\n', ":2: not valid JSON"),
-    ('[1, 2]\n', ":1: expected a JSON object"),
-    ('{"prompt": "a", "completion": "b"}\n', ":1: unknown record (keys: completion, prompt)"),
-    ('{"instruction": "a"}\n', ":1: an alpaca record needs a string \"output\""),
-    ('{"messages": []}\n', ":1: \"messages\" must be a non-empty list"),
-    ('{"messages": [{"role": "bot", "content": "x"}]}\n', ":1: messages[0] needs \"role\""),
-    ('{"messages": [{"role": "user", "content": "x"}]}\n', ":1: the conversation has no assistant message"),
-    ('{"messages": [{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}]}\n',
+@pytest.mark.parametrize("name,content,expected", [
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{not json}\n', ":2: not valid JSON"),
+    ("bad.jsonl", '[1, 2]\n', ":1: expected a JSON object"),
+    ("bad.jsonl", '{"prompt": "a", "completion": "b"}\n', ":1: unknown record (keys: completion, prompt)"),
+    ("bad.jsonl", '{"instruction": "a"}\n', ":1: an alpaca record needs a string \"output\""),
+    ("bad.jsonl", '{"messages": []}\n', ":1: \"messages\" must be a non-empty list"),
+    ("bad.jsonl", '{"messages": [{"role": "bot", "content": "x"}]}\n', ":1: messages[0] needs \"role\""),
+    ("bad.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', ":1: the conversation has no assistant message"),
+    ("bad.jsonl", '{"messages": [{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}]}\n',
      ':1: messages[0] has "weight" 0; it must be 0 (do not learn) or 1, and only on an assistant message'),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}]}\n',
+    ("bad.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}]}\n',
      ':1: messages[1] has "weight" 0.5'),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": true}]}\n',
+    ("bad.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": true}]}\n',
      ':1: messages[1] has "weight" true'),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}\n',
+    ("bad.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}\n',
      ':1: every assistant message has "weight" 0, so there is nothing to learn'),
-    ('{"text": ""}\n', ":1: \"text\" must be a non-empty string"),
-    ('{"text": "a"}\n{"instruction": "a", "output": "b"}\n', ":2: an alpaca record in a text dataset"),
-    ('\n\n', "no records"),
+    ("bad.jsonl", '{"text": ""}\n', ":1: \"text\" must be a non-empty string"),
+    ("bad.jsonl", '{"text": "a"}\n{"instruction": "a", "output": "b"}\n', ":2: an alpaca record in a text dataset"),
+    ("bad.jsonl", '\n\n', "no records"),
+    # one JSON array of records: the line a bad record starts on
+    ("bad.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]',
+     ":3: not valid JSON (Expecting ',' delimiter at column 22)"),
+    ("bad.json", '[\n {"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}\n]',
+     ":3: not valid JSON (Expecting ',' delimiter at column 2)"),
+    ("bad.json", '[\n {"instruction": "a", "output": "b"},\n\n  {"text": "c"}\n]', ":4: a text record in an alpaca dataset"),
+    ("bad.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c"}]',
+     ":3: an alpaca record needs a string \"output\""),
+    ("bad.json", '[{"instruction": "a", "output": "b"},', ":1: not valid JSON (Expecting value at column 38)"),
+    ("bad.json", '[{"instruction": "a", "output": "b"}]\n[]', ":2: not valid JSON (Extra data after the array at column 1)"),
+    ("bad.json", '[\n\n  "text"]', ":3: expected a JSON object, got str"),
+    ("bad.json", ' [ ]\n', "no records (the array is empty); add objects to it"),
+    ("sharegpt.jsonl", '{"conversations": []}',
+     ':1: "conversations" must be a non-empty list of {"from", "value"} objects'),
+    ("sharegpt.jsonl", '{"conversations": [{"from": "bot", "value": "x"}]}',
+     ':1: conversations[0] needs "from" (system, human or gpt)'),
+    ("sharegpt.jsonl", '{"conversations": [{"from": "human", "value": 3}]}',
+     ':1: conversations[0] needs "from" (system, human or gpt) and a string "value"'),
+    ("sharegpt.jsonl", '{"conversations": [{"from": "human", "value": "x"}]}', ':1: the conversation has no gpt turn to learn from'),
 ])
-def test_bad_records_name_file_and_line(tmp_path, content, expected):
-    p = tmp_path / "bad.jsonl"
+def test_bad_records_name_file_and_line(tmp_path, name, content, expected):
+    p = tmp_path / name
     p.write_text(content)
     with pytest.raises(UserError) as e:
         data.read_records(p)
-    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert f"{p}" in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_non_utf8_and_binary_and_missing(tmp_path):
@@ -142,24 +161,6 @@ def test_a_json_array_reads_as_its_records_would_line_by_line(tmp_path, demo_row
     assert data.read_records(array) == ("alpaca", rows)
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]', ":3: not valid JSON (Expecting ',' delimiter at column 22)"),
-    ('[\n {"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}\n]', ":3: not valid JSON (Expecting ',' delimiter at column 2)"),
-    ('[\n {"instruction": "a", "output": "b"},\n\n  {"text": "c"}\n]', ":4: a text record in an alpaca dataset"),
-    ('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c"}]', ":3: an alpaca record needs a string \"output\""),
-    ('[{"instruction": "a", "output": "b"},', ":1: not valid JSON (Expecting value at column 38)"),
-    ('[{"instruction": "a", "output": "b"}]\n[]', ":2: not valid JSON (Extra data after the array at column 1)"),
-    ('[\n\n  "text"]', ":3: expected a JSON object, got str"),
-    (' [ ]\n', "no records (the array is empty); add objects to it"),
-])
-def test_a_bad_json_array_names_the_line_of_the_bad_record(tmp_path, content, expected):
-    p = tmp_path / "bad.json"
-    p.write_text(content)
-    with pytest.raises(UserError) as e:
-        data.read_records(p)
-    assert expected in str(e.value) and "\n" not in str(e.value)
-
-
 def test_a_byte_order_mark_is_skipped(tmp_path, tok):
     rows = [{"text": "one"}, {"text": "two"}]
     bom = tmp_path / "notepad.jsonl"
@@ -180,19 +181,6 @@ def test_sharegpt_conversations_train_as_the_same_messages_would(tok):
     assert data._record_format(sharegpt, "x", 1) == data._record_format(chat, "x", 1) == "chat"
     assert data.to_messages(sharegpt) == data.to_messages(chat)
     assert data.encode_chat(tok, data.to_messages(sharegpt), False) == data.encode_chat(tok, data.to_messages(chat), False)
-
-
-@pytest.mark.parametrize("record,expected", [
-    ({"conversations": []}, "\"conversations\" must be a non-empty list of {\"from\", \"value\"} objects"),
-    ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0] needs \"from\" (system, human or gpt)"),
-    ({"conversations": [{"from": "human", "value": 3}]}, "conversations[0] needs \"from\" (system, human or gpt) and a string \"value\""),
-    ({"conversations": [{"from": "human", "value": "x"}]}, "the conversation has no gpt turn to learn from"),
-])
-def test_bad_sharegpt_records_say_what_is_wrong(tmp_path, record, expected):
-    p = write_jsonl(tmp_path / "sharegpt.jsonl", [record])
-    with pytest.raises(UserError, match=":1: ") as e:
-        data.read_records(p)
-    assert expected in str(e.value)
 
 
 # Gemma's chat template as it ships: no system role, and user/assistant turns must alternate.

@@ -32,8 +32,12 @@ from tinytune.errors import UserError
 
 IGNORE = -100
 MAX_RECORD_BYTES = 8 * 2**20
-ROLES = ("system", "user", "assistant")
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_KEYS = {  # record key: (role key, text key, role names → chat roles, the names to list, an answer)
+    "messages": ("role", "content", ROLES, "system, user or assistant", "assistant message"),
+    "conversations": ("from", "value", SHAREGPT_ROLES, "system, human or gpt", "gpt turn"),
+}
 
 
 @dataclass
@@ -134,7 +138,8 @@ def _line_records(raw: bytes, path: Path) -> Iterator[tuple[int, object]]:
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                            "each line must be one JSON object") from None
 
 
 def _array_records(raw: bytes, path: Path) -> Iterator[tuple[int, object]]:
@@ -179,31 +184,24 @@ def _record_format(rec, path: Path, lineno: int) -> str:
     where = f"{path}:{lineno}"
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-                raise UserError(f"{where}: messages[{i}] needs \"role\" (system, user or assistant) and a string \"content\"")
-            if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
-                raise UserError(f"{where}: messages[{i}] has \"weight\" {json.dumps(m['weight'])[:20]}; "
-                                "it must be 0 (do not learn) or 1, and only on an assistant message")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise UserError(f"{where}: the conversation has no assistant message to learn from")
-        if not any(m["role"] == "assistant" and m.get("weight", 1) for m in msgs):
-            raise UserError(f"{where}: every assistant message has \"weight\" 0, so there is nothing to learn; "
-                            "set one to 1 or drop the record")
-        return "chat"
-    if "conversations" in rec:
-        turns = rec["conversations"]
+    key = next((k for k in CHAT_KEYS if k in rec), None)
+    if key is not None:
+        role, text, roles, names, answer = CHAT_KEYS[key]
+        turns = rec[key]
         if not isinstance(turns, list) or not turns:
-            raise UserError(f"{where}: \"conversations\" must be a non-empty list of {{\"from\", \"value\"}} objects")
+            raise UserError(f"{where}: \"{key}\" must be a non-empty list of {{\"{role}\", \"{text}\"}} objects")
         for i, t in enumerate(turns):
-            if not isinstance(t, dict) or not isinstance(t.get("value"), str) or t.get("from") not in SHAREGPT_ROLES:
-                raise UserError(f"{where}: conversations[{i}] needs \"from\" (system, human or gpt) and a string \"value\"")
-        if not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in turns):
-            raise UserError(f"{where}: the conversation has no gpt turn to learn from")
+            if not isinstance(t, dict) or not isinstance(t.get(text), str) or t.get(role) not in roles:
+                raise UserError(f"{where}: {key}[{i}] needs \"{role}\" ({names}) and a string \"{text}\"")
+            weight = t.get("weight", 1)
+            if "weight" in t and (roles[t[role]] != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
+                raise UserError(f"{where}: {key}[{i}] has \"weight\" {json.dumps(weight)[:20]}; "
+                                f"it must be 0 (do not learn) or 1, and only on an {answer}")
+        if not any(roles[t[role]] == "assistant" for t in turns):
+            raise UserError(f"{where}: the conversation has no {answer} to learn from")
+        if not any(roles[t[role]] == "assistant" and t.get("weight", 1) for t in turns):
+            raise UserError(f"{where}: every {answer} has \"weight\" 0, so there is nothing to learn; "
+                            "set one to 1 or drop the record")
         return "chat"
     if "instruction" in rec or "output" in rec:
         for key in ("instruction", "output"):
@@ -218,14 +216,16 @@ def _record_format(rec, path: Path, lineno: int) -> str:
         return "text"
     names = sorted(str(k).encode("unicode_escape").decode()[:40] for k in rec)  # one line, whatever the keys hold
     keys = ", ".join(names[:8]) + (f", … ({len(names)} keys)" if len(names) > 8 else "") or "none"
-    raise UserError(f"{where}: unknown record (keys: {keys}); use \"instruction\"+\"output\", \"messages\", \"conversations\" or \"text\"")
+    raise UserError(f"{where}: unknown record (keys: {keys}); "
+                    "use \"instruction\"+\"output\", \"messages\", \"conversations\" or \"text\"")
 
 
 def to_messages(rec: dict) -> list[dict]:
-    if "messages" in rec:
-        return [{k: m[k] for k in ("role", "content", "weight") if k in m} for m in rec["messages"]]
-    if "conversations" in rec:
-        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in rec["conversations"]]
+    key = next((k for k in CHAT_KEYS if k in rec), None)
+    if key is not None:
+        role, text, roles = CHAT_KEYS[key][:3]
+        return [{"role": roles[t[role]], "content": t[text], **({"weight": t["weight"]} if "weight" in t else {})}
+                for t in rec[key]]
     prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
 
@@ -319,7 +319,10 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
     else:
         for index, rec in enumerate(records):
             try:
-                ex = encode_text(tok, rec["text"]) if fmt == "text" else encode_chat(tok, conversations[index], train_on_prompt)
+                if fmt == "text":
+                    ex = encode_text(tok, rec["text"])
+                else:
+                    ex = encode_chat(tok, conversations[index], train_on_prompt)
             except TemplateError as e:
                 reason = " ".join(str(e).split())
                 raise UserError(f"{path}:{lines[index]}: the model's chat template refuses this conversation "
