@@ -218,6 +218,32 @@ def test_cli_trains_and_exports_end_to_end(tiny_model_dir, demo_file, tmp_path, 
     assert code == 2 and "already holds a run" in err and "--overwrite" in err
 
 
+def test_trainers_started_in_the_same_second_get_a_default_run_directory_each(tiny_model_dir, demo_file, tmp_path,
+                                                                             capsys, monkeypatch):
+    """Without --out the run directory is runs/<time>-<model>: a second run started in the same second
+    (a sweep's script) takes <time>-<model>-2 instead of being refused the first's directory."""
+    from tinytune import rundir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rundir, "default_path", lambda name: Path("runs") / f"20261123-120000-{name}")
+    base = tmp_path / "runs" / f"20261123-120000-{tiny_model_dir.name}"
+    for _ in range(2):
+        code = main(["--model", str(tiny_model_dir), "--data", str(demo_file), "--max-steps", "1", "--seq-len", "64",
+                     "--rank", "2", "--no-sample", "--batch", "2", "--grad-accum", "1", "--eval-fraction", "0"])
+        assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [base.name, f"{base.name}-2"]
+    assert all((p / "adapter.safetensors").is_file() for p in (base, base.with_name(f"{base.name}-2")))
+    assert f"saved runs/{base.name}-2 " in capsys.readouterr().out
+
+    # the name is claimed by mkdir, which one process wins: 16 at once get 16 directories
+    from concurrent.futures import ThreadPoolExecutor
+
+    race = tmp_path / "race" / "20261123-120001-m"
+    with ThreadPoolExecutor(16) as pool:
+        made = list(pool.map(lambda _: rundir.create(race, False, numbered=True), range(16)))
+    assert len(set(made)) == 16 and all(p.is_dir() for p in made)
+
+
 def test_a_run_being_trained_is_not_resumed_or_overwritten_by_a_second_trainer(finished_run, tmp_path, capsys):
     """While a trainer holds a run directory (here another process holding its lock, as a live run
     does), --resume, --out with --overwrite and export --overwrite into it are refused with its pid

@@ -53,7 +53,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF model directory, model id in the local HF cache, or a .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="JSONL or JSON array of alpaca, chat (messages or ShareGPT) or text records, or a .txt file (default: the bundled demo set)")
-    p.add_argument("--out", help="run directory (default: runs/<time>-<model>)")
+    p.add_argument("--out", help="run directory (default: runs/<time>-<model>, numbered -2, -3, ... if taken)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     _plan_choices(p)
     p.add_argument("--lora-plus-ratio", type=float, default=d.lora_plus_ratio, help="LoRA+: B's lr over A's (default 16)")

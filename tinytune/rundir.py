@@ -35,6 +35,7 @@ LOCK_FILE = ".lock"
 
 
 def default_path(model_name: str) -> Path:
+    """runs/<time>-<model>; ``create(..., numbered=True)`` adds -2, -3, ... if that is taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name) or "model"
     return Path("runs") / f"{stamp}-{safe}"
@@ -53,6 +54,11 @@ def check_output(path: Path, overwrite: bool) -> None:
         else:
             holds = "a run" if any((path / f).exists() for f in RUN_FILES) else "files"
         raise UserError(f"--out {path}: already holds {holds}; choose another --out or pass --overwrite to replace it")
+    check_writable(path)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse a path whose nearest existing parent this process cannot create a directory in."""
     parent = path.resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -62,7 +68,20 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise UserError(f"--out {path}: cannot write in {parent} ({e.strerror}); choose a directory you can write to") from None
 
 
-def create(path: Path, overwrite: bool) -> Path:
+def create(path: Path, overwrite: bool, numbered: bool = False) -> Path:
+    """Make the run directory and return it. ``numbered``: ``path`` is a default name, and if it is
+    taken (another trainer started in the same second) the first free one of path-2, path-3, ... is
+    made instead; mkdir is atomic, so two trainers never get the same one."""
+    if numbered:
+        for n in range(1, 10_000):
+            numbered_path = path if n == 1 else path.with_name(f"{path.name}-{n}")
+            try:
+                numbered_path.mkdir(parents=True)
+                return numbered_path
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UserError(f"--out {numbered_path}: cannot create the run directory ({e.strerror})") from None
     check_output(path, overwrite)
     try:
         if path.is_dir() and overwrite:

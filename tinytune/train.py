@@ -314,8 +314,10 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
     shape = ModelShape.from_config(model_config, source.name)
     data_path = Path(cfg.data) if cfg.data else data.demo_path()
     out = Path(cfg.out) if cfg.out else rundir.default_path(source.name)
-    if ckpt is None:
+    if ckpt is None and cfg.out:
         rundir.check_output(out, cfg.overwrite)
+    elif ckpt is None:  # a default name: create() takes the next free one if it is taken
+        rundir.check_writable(out)
     device = loading.pick_device(cfg.device)
     dtype = loading.compute_dtype(device)
     budget = planner.resolve_budget(cfg.vram, cfg.gpu, device.type, f"{cfg.vram / GIB:g}GiB" if cfg.vram else None)
@@ -383,7 +385,7 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
         f"{n_trainable:,} trainable parameters; {total_steps} step{'' if total_steps == 1 else 's'}")
 
     if ckpt is None:
-        rundir.create(out, cfg.overwrite)
+        out = rundir.create(out, cfg.overwrite, numbered=not cfg.out)
         lock.take(out, "--out")
         cfg.save(out / "config.json")
         rundir.write_json(out / "plan.json", plan_record)
