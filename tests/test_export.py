@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,11 +30,11 @@ def trained_runs(tiny_model_dir, tmp_path_factory):
     return runs
 
 
-def adapter_model(run_dir):
+def adapter_model(run_dir, adapter=None):
     cfg = TrainConfig.load(run_dir / "config.json")
     model = loading.load_model(loading.resolve_source(cfg.model), cfg.bits, torch.device("cpu"))
     adapters.apply(model, cfg, total_steps=cfg.max_steps or 0)
-    adapters.load_state(model, rundir.load_tensors(run_dir / "adapter.safetensors"))
+    adapters.load_state(model, rundir.load_tensors(adapter or run_dir / "adapter.safetensors"))
     return model.eval()
 
 
@@ -88,6 +89,49 @@ def test_peft_loads_the_adapter_and_agrees(trained_runs):
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=IDS).logits, adapter_model(run_dir)(input_ids=IDS).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_export_takes_the_runs_newest_weights_or_the_checkpoint_asked_for(tiny_model_dir, tmp_path):
+    """A run killed before its end (or stopped, resumed and killed) has checkpoints newer than its final
+    adapter, or no final adapter: export takes the newest and says so; --checkpoint picks one."""
+    from conftest import write_jsonl
+    from make_demo_data import make
+    from tinytune.errors import UserError
+
+    run = tmp_path / "run"
+    train.run(tiny_cfg(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", make(16, seed=3)), run, bits=16, max_steps=4,
+                       eval_fraction=0.0, dropout=0.0, save_every="1", keep_checkpoints=3), stream=open("/dev/null", "w"))
+    ckpt = {step: run / "checkpoints" / f"step-{step:08d}" / "adapter.safetensors" for step in (2, 3, 4)}
+    assert all(p.is_file() for p in ckpt.values())
+
+    def exported_logits(out, **kw):
+        said = []
+        export(run, out, dtype="fp32", say=said.append, **kw)
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS).logits, said
+
+    def logits_of(adapter):
+        with torch.no_grad():
+            return adapter_model(run, adapter)(input_ids=IDS).logits
+
+    got, said = exported_logits(tmp_path / "final")  # a finished run: its final adapter
+    torch.testing.assert_close(got, logits_of(run / "adapter.safetensors"), rtol=1e-4, atol=1e-4)
+    assert len(said) == 1
+    got, _ = exported_logits(tmp_path / "at2", step=2)
+    torch.testing.assert_close(got, logits_of(ckpt[2]), rtol=1e-4, atol=1e-4)
+    assert (got - logits_of(ckpt[4])).abs().max() > 1e-3  # step 2 is not the end
+
+    shutil.copy(ckpt[2], run / "adapter.safetensors")  # stopped at step 2, resumed, killed after step 4
+    got, said = exported_logits(tmp_path / "stale")
+    assert said[0] == f"{run} has a newer checkpoint than its final adapter: exporting the checkpoint of step 4"
+    torch.testing.assert_close(got, logits_of(ckpt[4]), rtol=1e-4, atol=1e-4)
+    (run / "adapter.safetensors").unlink()  # killed before its end
+    _, said = exported_logits(tmp_path / "killed")
+    assert said[0] == f"{run} has no final adapter: exporting the checkpoint of step 4"
+
+    with pytest.raises(UserError, match=r"^--checkpoint 1: .* has no checkpoint of step 1 \(it keeps: 2, 3, 4\)$"):
+        export(run, tmp_path / "nope", step=1, say=lambda _s: None)
+    assert not (tmp_path / "nope").exists()
 
 
 def test_export_refuses_bad_inputs_and_leaves_nothing(trained_runs, tmp_path):

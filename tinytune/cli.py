@@ -97,6 +97,9 @@ def _export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
     p.add_argument("--max-shard-size", default="200MB", help="safetensors shard size (default 200MB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--checkpoint", type=int, metavar="STEP",
+                   help="export the checkpoint of this step (default: the run's newest weights: its final adapter, "
+                        "or a newer checkpoint of a run that stopped or is still training)")
     return p
 
 
@@ -232,7 +235,8 @@ def cmd_export(args) -> int:
     from tinytune.export import export
 
     run_dir = Path(args.run_dir)
-    export(run_dir, Path(args.out) if args.out else run_dir / "merged", dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    export(run_dir, Path(args.out) if args.out else run_dir / "merged", dtype=args.dtype, overwrite=args.overwrite,
+           max_shard_size=args.max_shard_size, step=args.checkpoint)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tinytune import quant, rundir
+from tinytune import checkpoint, quant, rundir
 from tinytune.config import TrainConfig
 from tinytune.errors import UserError
 
@@ -83,8 +83,40 @@ def _still_attached(model: nn.Module, name: str, module: nn.Module) -> bool:
         return False
 
 
+def _saved_step(path: Path) -> int | None:
+    """The step an adapter file was saved at (its metadata); None if it does not say or is damaged."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # noqa: BLE001 - a damaged file: load_tensors reports it
+        return None
+
+
+def pick_adapter(run_dir: Path, step: int | None, say) -> Path:
+    """The adapter file to export: checkpoint ``step`` if given; else the run's final adapter, or a
+    newer checkpoint's where there is one (a run stopped, resumed and killed, or still training)."""
+    checkpoints = {int(checkpoint.STEP_RE.match(p.name).group(1)): p / "adapter.safetensors"
+                   for p in checkpoint.complete(run_dir)}
+    if step is not None:
+        if step not in checkpoints:
+            kept = ", ".join(map(str, sorted(checkpoints))) or "none"
+            raise UserError(f"--checkpoint {step}: {run_dir} has no checkpoint of step {step} (it keeps: {kept})")
+        return checkpoints[step]
+    final = run_dir / "adapter.safetensors"
+    newest = max(checkpoints, default=None)
+    saved = _saved_step(final) if final.is_file() else None
+    if newest is not None and (not final.is_file() or (saved is not None and saved < newest)):
+        why = "a newer checkpoint than its final adapter" if final.is_file() else "no final adapter"
+        say(f"{run_dir} has {why}: exporting the checkpoint of step {newest}")
+        return checkpoints[newest]
+    return final
+
+
 def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = False, max_shard_size: str = "200MB",
-           say=print) -> Path:
+           say=print, step: int | None = None) -> Path:
+    """``step``: export that checkpoint (default: the run's newest weights, see ``pick_adapter``)."""
     from tinytune import adapters, loading
 
     if not (run_dir / "config.json").is_file():
@@ -92,7 +124,8 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r} is unknown: choose fp16, bf16 or fp32")
     cfg = TrainConfig.load(run_dir / "config.json")
-    state = rundir.load_tensors(run_dir / "adapter.safetensors")
+    adapter_path = pick_adapter(run_dir, step, say)
+    state = rundir.load_tensors(adapter_path)
     rundir.check_output(out, overwrite)
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() else {}
     load_dtype = getattr(torch, plan.get("compute_dtype", "float32"))
@@ -106,7 +139,7 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
     try:
         adapters.load_state(model, state)
     except ValueError as e:
-        raise UserError(f"{run_dir / 'adapter.safetensors'}: {e}") from None
+        raise UserError(f"{adapter_path}: {e}") from None
     n = merge_into_linears(model)
     model.to(EXPORT_DTYPES[dtype])
     model.config.use_cache = True

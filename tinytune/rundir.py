@@ -217,7 +217,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise UserError(f"{path}: missing; the run has not saved an adapter yet (did it finish or checkpoint?)")
+        raise UserError(f"{path}: missing; the run has saved neither its adapter nor a checkpoint yet "
+                        "(export it after its first checkpoint, or when it ends)")
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
