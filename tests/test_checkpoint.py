@@ -407,3 +407,68 @@ def test_checkpoint_write_failure_is_one_line_and_keeps_the_previous(error, tiny
     assert [p.name for p in (out / "checkpoints").iterdir()] and all(not p.name.startswith(".") for p in (out / "checkpoints").iterdir())
     assert [p.name for p in checkpoint.complete(out)] == ["step-00000002", "step-00000001"]
     checkpoint.read(checkpoint.complete(out)[0])  # intact
+
+
+class _FillingFile:
+    """A file on a disk that fills up after ``room`` writes."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, text: str) -> int:
+        self.room -= 1
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+@pytest.mark.parametrize("where", ["config", "metrics", "adapter"])
+def test_a_disk_that_fills_up_is_one_line_and_says_how_to_go_on(where, tiny_model_dir, demo_file, tmp_path,
+                                                                monkeypatch, capsys):
+    """Every write into the run directory, not only checkpoints: the config at the start (nothing is
+    left behind), a metrics record mid-run (resume from the newest checkpoint), the final adapter
+    (export from the checkpoint of the same step)."""
+    from tinytune import rundir
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as m:
+        if where == "config":
+            real_write = rundir.atomic_write_text
+
+            def atomic_write_text(path, text):
+                if path.name == "config.json":
+                    raise full
+                real_write(path, text)
+            m.setattr(rundir, "atomic_write_text", atomic_write_text)
+        elif where == "metrics":
+            m.setattr(rundir, "open", lambda *a, **k: _FillingFile(open(*a, **k), room=4), raising=False)
+        else:
+            real_save = rundir.save_tensors
+
+            def save_tensors(path, *a, **k):
+                if path.name == "adapter.safetensors":
+                    raise full
+                real_save(path, *a, **k)
+            m.setattr(rundir, "save_tensors", save_tensors)
+        out = tmp_path / "run"
+        code = main(train_argv(tiny_model_dir, demo_file, out, 4, "--eval-fraction", "0"))
+        err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    space = "No space left on device); free space or fix the directory's permissions, then"
+    if where == "config":
+        assert last == f"tinytune: error: {out / 'config.json'}: cannot write ({space} start the run again"
+        assert not out.exists()
+    elif where == "metrics":
+        assert last == f"tinytune: error: {out / 'metrics.jsonl'}: cannot write ({space} resume with: tinytune --resume {out}"
+        assert main(["--resume", str(out)]) == 0  # the disk has room again
+        assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+    else:
+        assert last == (f"tinytune: error: {out / 'adapter.safetensors'}: cannot write ({space} export it with: "
+                        f"tinytune export {out} (the checkpoint of step 4 holds the same weights)")
+        assert main(["export", str(out)]) == 0
+        assert (out / "merged" / "config.json").is_file()
+    assert not (out / ".lock").exists()

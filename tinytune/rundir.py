@@ -85,12 +85,17 @@ def create(path: Path, overwrite: bool, numbered: bool = False) -> Path:
     check_output(path, overwrite)
     try:
         if path.is_dir() and overwrite:
-            for child in path.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            clear(path)
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {path}: cannot create the run directory ({e.strerror})") from None
     return path
+
+
+def clear(path: Path) -> None:
+    """Remove what a directory holds, keeping the directory."""
+    for child in path.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 class RunLock:
@@ -225,19 +230,40 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); it may be corrupt") from None
 
 
+def write_failed(path: Path, e: OSError, then: str | None = None) -> UserError:
+    """One line for a write into a run directory that failed (a full disk, permissions taken away).
+    ``then``: what to do after making room; by default resume from the newest checkpoint, if any."""
+    run_dir = path.parent
+    if then is None:
+        has_checkpoint = any((run_dir / "checkpoints").glob("step-*"))
+        then = f"resume with: tinytune --resume {run_dir}" if has_checkpoint else "start the run again"
+    return UserError(f"{path}: cannot write ({e.strerror or e}); free space or fix the directory's permissions, "
+                     f"then {then}")
+
+
 class MetricsWriter:
     """Appends one JSON object per line and flushes it, so a monitor can follow the file live."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file = open(path, "a", buffering=1)
+        try:
+            self.file = open(path, "a", buffering=1)
+        except OSError as e:
+            raise write_failed(path, e) from None
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.close()  # a resumed run drops the cut-off line
+            raise write_failed(self.path, e) from None
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the buffered rest of a line that could not be written
+            pass
 
 
 def truncate_metrics(path: Path, step: int) -> int:

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -385,10 +386,22 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
         f"{n_trainable:,} trainable parameters; {total_steps} step{'' if total_steps == 1 else 's'}")
 
     if ckpt is None:
+        existed = out.is_dir() and cfg.out is not None
         out = rundir.create(out, cfg.overwrite, numbered=not cfg.out)
         lock.take(out, "--out")
-        cfg.save(out / "config.json")
-        rundir.write_json(out / "plan.json", plan_record)
+        written = out / "config.json"
+        try:
+            cfg.save(written)
+            written = out / "plan.json"
+            rundir.write_json(written, plan_record)
+        except OSError as e:  # nothing trained yet: leave nothing behind
+            lock.release()
+            with contextlib.suppress(OSError):
+                if existed:
+                    rundir.clear(out)
+                else:
+                    shutil.rmtree(out)
+            raise rundir.write_failed(written, e, "start the run again") from None
     emit({"event": "plan", "run_dir": str(out), "plan": plan_record})
 
     model.train()
@@ -532,9 +545,15 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
         if step > 0:
             save_checkpoint(step)
         state = adapters.state(model)
-        rundir.save_tensors(out / "adapter.safetensors", state, metadata={"step": str(step), "format": str(rundir.FORMAT_VERSION)})
-        if cfg.technique in PEFT_TECHNIQUES:
-            save_peft_adapter(out / "peft", state, cfg, source)
+        try:
+            rundir.save_tensors(out / "adapter.safetensors", state,
+                                metadata={"step": str(step), "format": str(rundir.FORMAT_VERSION)})
+            if cfg.technique in PEFT_TECHNIQUES:
+                save_peft_adapter(out / "peft", state, cfg, source)
+        except OSError as e:
+            metrics.close()
+            then = f"export it with: tinytune export {out} (the checkpoint of step {step} holds the same weights)"
+            raise rundir.write_failed(out / "adapter.safetensors", e, then) from None
     if stop.stop and step < total_steps:
         event = {"step": step, "event": "stopped", "total_steps": total_steps, "reason": stop.reason}
         say(f"stopped at step {step} of {total_steps} ({stop.reason}); saved {out}\n"
