@@ -236,7 +236,7 @@ def write_failed(path: Path, e: OSError, then: str | None = None) -> UserError:
     run_dir = path.parent
     if then is None:
         has_checkpoint = any((run_dir / "checkpoints").glob("step-*"))
-        then = f"resume with: tinytune --resume {run_dir}" if has_checkpoint else "start the run again"
+        then = f"resume with: tinytune --resume {run_dir}" if has_checkpoint else "start the run again with --overwrite"
     return UserError(f"{path}: cannot write ({e.strerror or e}); free space or fix the directory's permissions, "
                      f"then {then}")
 
