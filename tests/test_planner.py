@@ -117,6 +117,11 @@ def test_gpu_profiles_and_names():
         p = presets.gpu(key)
         assert p.vram_bytes > 0 and p.bandwidth_gbs > 0 and p.bf16_tflops > 0
     assert presets.model_shape("meta-llama/Llama-3.1-8B-Instruct").name == "llama-3.1-8b"
+    # a base model's hub id, with or without its organisation, plans as its instruct model (same shape)
+    for hub_id, key in [("meta-llama/Llama-3.2-1B", "llama-3.2-1b"), ("Llama-3.1-8B", "llama-3.1-8b"),
+                        ("mistralai/Mistral-7B-v0.3", "mistral-7b"), ("google/gemma-2-2b", "gemma-2-2b"),
+                        ("gemma-2-2b-it", "gemma-2-2b"), ("Qwen/Qwen2.5-7B", "qwen2.5-7b")]:
+        assert presets.model_shape(hub_id).name == key
 
 
 def test_calibration_scale_corrects_activations_only():

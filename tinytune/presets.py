@@ -102,8 +102,12 @@ def is_model_preset(name: str) -> bool:
 
 def model_config(name: str) -> tuple[str, dict]:
     table = _load("models.json")
-    aliases = {_norm(v["hf_id"]): k for k, v in table.items()}
-    aliases |= {_norm(v["hf_id"].split("/")[1].removesuffix("-Instruct")): k for k, v in table.items()}
+    aliases = {}
+    for key, v in table.items():
+        # the hub id with and without its organisation, of the instruct model and of its base (same shape)
+        base = v["hf_id"].replace("-Instruct", "").removesuffix("-it")
+        for hub_id in (v["hf_id"], base):
+            aliases |= {_norm(hub_id): key, _norm(hub_id.split("/")[1]): key}
     key = _lookup("--model", name, table, aliases)
     return key, {k: v for k, v in table[key].items() if k != "hf_id"}
 
