@@ -49,6 +49,17 @@ def test_an_assistant_message_of_weight_0_is_context_not_learned(tok):
     assert ex.input_ids == unweighted.input_ids and "Uno." in label_text(tok, unweighted)
 
 
+@settings(max_examples=200, deadline=None)
+@given(starts=st.lists(st.integers(0, 60), max_size=40),
+       spans=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 30)).map(lambda s: (s[0], s[0] + s[1])), max_size=5))
+def test_a_token_is_learned_where_it_starts_inside_a_span(starts, spans):
+    """The one-pass walk over sorted spans labels exactly what testing every span for every token does."""
+    starts = sorted(starts)
+    ids = list(range(100, 100 + len(starts)))
+    ex = data.chat_example(ids, [(a, a + 1) for a in starts], sorted(spans), train_on_prompt=False)
+    assert ex.labels == [t if any(s <= a < e for s, e in spans) else data.IGNORE for t, a in zip(ids, starts)]
+
+
 def test_text_records_train_on_everything_and_end_with_eos(tok):
     ex = data.encode_text(tok, "plain text")
     assert ex.labels == ex.input_ids and ex.input_ids[-1] == tok.eos_token_id

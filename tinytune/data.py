@@ -230,9 +230,9 @@ def to_messages(rec: dict) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
 
 
-def encode_chat(tok, messages: list[dict], train_on_prompt: bool) -> Example:
-    """Tokenize a conversation; labels cover the assistant turns (character spans → token offsets),
-    except those of ``"weight": 0`` (OpenAI's fine-tuning format)."""
+def render_chat(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the chat template writes it, and the character spans of the assistant
+    turns to learn: all but those of ``"weight": 0`` (OpenAI's fine-tuning format)."""
     full = tok.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
@@ -242,15 +242,28 @@ def encode_chat(tok, messages: list[dict], train_on_prompt: bool) -> Example:
         upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
         start = len(before) if full.startswith(before) else _common_prefix(full, before)
         spans.append((start, len(upto)))
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    return full, sorted(spans)
+
+
+def chat_example(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                 train_on_prompt: bool) -> Example:
+    """Labels from character spans: a token is learned where it starts inside a span (sorted by start)."""
+    ids = list(ids)
     if train_on_prompt:
         return Example(ids, list(ids))
-    labels = [
-        t if any(s <= a < e for s, e in spans) else IGNORE
-        for t, (a, _b) in zip(ids, enc["offset_mapping"])
-    ]
+    labels, j = [], 0
+    for t, (a, _b) in zip(ids, offsets):  # token starts never go back, so the spans are walked once
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        labels.append(t if j < len(spans) and spans[j][0] <= a else IGNORE)
     return Example(ids, labels)
+
+
+def encode_chat(tok, messages: list[dict], train_on_prompt: bool) -> Example:
+    """Tokenize a conversation; labels cover the assistant turns to learn (see ``render_chat``)."""
+    text, spans = render_chat(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return chat_example(enc["input_ids"], enc["offset_mapping"], spans, train_on_prompt)
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -262,12 +275,15 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-def encode_text(tok, text: str) -> Example:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+def text_example(tok, ids: list[int]) -> Example:
     if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
         ids = [tok.bos_token_id] + ids
     ids = ids + [tok.eos_token_id]
     return Example(ids, list(ids))
+
+
+def encode_text(tok, text: str) -> Example:
+    return text_example(tok, tok(text, add_special_tokens=False)["input_ids"])
 
 
 def takes_system(tok) -> bool:
@@ -301,6 +317,31 @@ def fold_system(messages: list[dict]) -> list[dict]:
     return out + pending
 
 
+ENCODE_BATCH = 1024
+"""Records tokenized per call: the tokenizer spreads a batch over the CPU's cores."""
+
+
+def _encode_records(tok, fmt: str, records: list, conversations: list, train_on_prompt: bool, path: Path,
+                    lines: list[int]) -> Iterator[Example]:
+    for first in range(0, len(records), ENCODE_BATCH):
+        batch = range(first, min(first + ENCODE_BATCH, len(records)))
+        if fmt == "text":
+            for ids in tok([records[i]["text"] for i in batch], add_special_tokens=False)["input_ids"]:
+                yield text_example(tok, ids)
+            continue
+        rendered = []
+        for i in batch:
+            try:
+                rendered.append(render_chat(tok, conversations[i]))
+            except TemplateError as e:
+                reason = " ".join(str(e).split())
+                raise UserError(f"{path}:{lines[i]}: the model's chat template refuses this conversation "
+                                f"({reason}); change the record to the turns the template takes") from None
+        enc = tok([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        for (_text, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+            yield chat_example(ids, offsets, spans, train_on_prompt)
+
+
 def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: bool, seed: int) -> Dataset:
     fmt, records, lines = _read(path)
     examples: list[Example] = []
@@ -317,16 +358,7 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
             if len(window) > 1:
                 examples.append(Example(window, list(window)))
     else:
-        for index, rec in enumerate(records):
-            try:
-                if fmt == "text":
-                    ex = encode_text(tok, rec["text"])
-                else:
-                    ex = encode_chat(tok, conversations[index], train_on_prompt)
-            except TemplateError as e:
-                reason = " ".join(str(e).split())
-                raise UserError(f"{path}:{lines[index]}: the model's chat template refuses this conversation "
-                                f"({reason}); change the record to the turns the template takes") from None
+        for index, ex in enumerate(_encode_records(tok, fmt, records, conversations, train_on_prompt, path, lines)):
             if len(ex.input_ids) > seq_len:
                 truncated += 1
                 ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
