@@ -262,7 +262,7 @@ def test_a_run_being_trained_is_not_resumed_or_overwritten_by_a_second_trainer(f
         for argv, message in (
             (["--resume", str(run)], f"--resume {run}: a tinytune run (pid {holder.pid}) is training it now"),
             (["--out", str(run), "--overwrite", "--max-steps", "1"], f"--out {run}: a tinytune run (pid {holder.pid})"),
-            (["export", str(finished_run), "--out", str(run), "--overwrite"], f"(pid {holder.pid}) is training there"),
+            (["export", str(finished_run), "--out", str(run), "--overwrite"], f"(pid {holder.pid}) is training it now"),
         ):
             code, err = run_cli(capsys, *argv)
             assert code == 2 and message in err and len(err.splitlines()) == 1, err

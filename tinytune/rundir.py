@@ -46,8 +46,7 @@ def check_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: exists and is a file; choose a directory path")
     if path.is_dir() and (pid := RunLock.holder(path)):
-        raise UserError(f"--out {path}: a tinytune run (pid {pid}) is training there now; stop it first (q in its "
-                        f"terminal UI, Ctrl-C, or kill -TERM {pid}) or choose another --out")
+        raise held(f"--out {path}", pid, " or choose another --out")
     if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
         if any(path.glob("model*.safetensors*")):
             holds = "a model"
@@ -98,6 +97,12 @@ def clear(path: Path) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
+def held(what: str, pid: int, alternative: str = "") -> UserError:
+    """A run directory another trainer holds (see RunLock)."""
+    return UserError(f"{what}: a tinytune run (pid {pid}) is training it now; stop it first (q in its terminal UI, "
+                     f"Ctrl-C, or kill -TERM {pid}){alternative}")
+
+
 class RunLock:
     """The trainer writing a run directory holds an advisory lock (flock) on RUN_DIR/.lock from before
     its first write to its end, so that a second trainer (--resume, --overwrite, the same --out) is
@@ -141,8 +146,7 @@ class RunLock:
         except BlockingIOError:
             pid = _pid_in(fd)
             os.close(fd)
-            raise UserError(f"{flag} {run_dir}: a tinytune run (pid {pid}) is training it now; stop it first (q in "
-                            f"its terminal UI, Ctrl-C, or kill -TERM {pid})") from None
+            raise held(f"{flag} {run_dir}", pid) from None
         except OSError:  # a filesystem without locks: train unguarded, and leave no file that suggests a lock
             os.close(fd)
             path.unlink(missing_ok=True)
