@@ -342,8 +342,12 @@ def _encode_records(tok, fmt: str, records: list, conversations: list, train_on_
             yield chat_example(ids, offsets, spans, train_on_prompt)
 
 
-def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: bool, seed: int) -> Dataset:
+def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: bool, seed: int,
+          say=lambda _text: None) -> Dataset:
+    """``say``: told when a large dataset (more than 4 batches) starts tokenizing."""
     fmt, records, lines = _read(path)
+    if len(records) > 4 * ENCODE_BATCH:
+        say(f"data: tokenizing {len(records):,} {fmt} records from {path.name} …")
     examples: list[Example] = []
     origins: list[int] = []  # record index of each example
     truncated = dropped = folded = 0

@@ -329,15 +329,16 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
         raise UserError(f"--seq-len {cfg.seq_len} is beyond {shape.name}'s context of {shape.max_context} tokens; "
                         f"use --seq-len {shape.max_context} or less")
     tok = loading.load_tokenizer(source)
-    ds = data.build(data_path, tok, cfg.seq_len, cfg.eval_fraction, cfg.train_on_prompt, cfg.seed)
+    ds = data.build(data_path, tok, cfg.seq_len, cfg.eval_fraction, cfg.train_on_prompt, cfg.seed, say)
     digest = checkpoint.file_digest(data_path)
     if ckpt is not None and ckpt.state["trainer"]["data_sha256"] != digest:
         raise UserError(f"--data {data_path} changed since the run started (its SHA-256 differs); resuming would "
                         "train on other examples: restore the file, or start a new run")
     if "seq_len" not in pinned and not cfg.pack:  # packed rows fill the whole length
         cfg.seq_len = max(len(e.input_ids) for e in ds.train + ds.eval)
-    say(f"data: {data_path.name} ({ds.format}, {ds.n_records} records) → {len(ds.train)} train / {len(ds.eval)} eval examples; "
-        f"{ds.n_truncated} truncated to {cfg.seq_len} tokens, {ds.n_dropped} dropped (nothing left to learn)")
+    say(f"data: {data_path.name} ({ds.format}, {ds.n_records:,} records) → {len(ds.train):,} train / {len(ds.eval):,} "
+        f"eval examples; {ds.n_truncated:,} truncated to {cfg.seq_len} tokens, {ds.n_dropped:,} dropped (nothing left "
+        "to learn)")
     if ds.n_folded:
         say(f"data: the chat template has no system role; system messages open the next user message instead "
             f"({ds.n_folded} record{'s' if ds.n_folded != 1 else ''})")
