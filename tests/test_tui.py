@@ -296,6 +296,31 @@ def test_monitor_needs_a_run_dir_and_a_terminal(tmp_path, capsys):
     assert "needs a terminal" in capsys.readouterr().err
 
 
+def test_monitor_without_a_run_dir_watches_the_newest_live_run(tmp_path, capsys, monkeypatch):
+    from tinytune import rundir
+    from tinytune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["monitor"]) == 2
+    assert "monitor: no run under ./runs to watch; pass the run directory" in capsys.readouterr().err
+    now = time.time()
+    for age, name in [(300, "held"), (60, "newest"), (600, "oldest")]:
+        run = Path("runs") / name
+        run.mkdir(parents=True)
+        (run / "plan.json").write_text(json.dumps(PLAN))
+        (run / "metrics.jsonl").write_text(json.dumps(step_record(1, 3.0)) + "\n")
+        for f in run.iterdir():
+            os.utime(f, (now - age, now - age))
+    Path("runs/exported-model").mkdir()  # not a run: no plan.json
+    with rundir.RunLock() as lock:
+        lock.take(Path("runs/held"), "--out")  # a trainer in a slow step: live, though not the newest record
+        assert rundir.newest_run() == Path("runs/held")
+        assert main(["monitor"]) == 2  # found it; this test has no terminal to show it in
+        out, err = capsys.readouterr()
+        assert out == "monitor: watching runs/held\n" and "needs a terminal" in err
+    assert rundir.newest_run() == Path("runs/newest")  # none live: the newest record
+
+
 def test_bad_input_in_a_terminal_is_still_one_line_and_exit_2(tmp_path):
     term = Terminal(["-m", "tinytune", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "run")])
     try:

@@ -3,7 +3,7 @@
     tinytune [train] [--vram 12GB] [options]   train an adapter (the default command)
     tinytune plan [--model M] --vram 12GB      show the plan (and runners-up) for a memory budget
     tinytune export RUN_DIR [--out DIR]        merge into the base and write an HF model directory
-    tinytune monitor RUN_DIR                   the terminal UI on a run started elsewhere
+    tinytune monitor [RUN_DIR]                 the terminal UI on a run started elsewhere
     tinytune profiles                          the GPU profiles and model presets the planner knows
 """
 
@@ -242,16 +242,23 @@ def cmd_export(args) -> int:
 
 def _monitor_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("monitor", help="watch a run started elsewhere (live, or a replay once it has ended)")
-    p.add_argument("run_dir", help="a training run directory")
+    p.add_argument("run_dir", nargs="?",
+                   help="a training run directory (default: the newest live run under ./runs, else the newest)")
     return p
 
 
 def cmd_monitor(args) -> int:
     from pathlib import Path
 
+    from tinytune import rundir
     from tinytune.tui import monitor
 
-    monitor(Path(args.run_dir))
+    run_dir = Path(args.run_dir) if args.run_dir else rundir.newest_run()
+    if run_dir is None:
+        raise UserError("monitor: no run under ./runs to watch; pass the run directory (the --out of a run)")
+    if not args.run_dir:
+        print(f"monitor: watching {run_dir}", flush=True)
+    monitor(run_dir)
     return 0
 
 

@@ -41,6 +41,18 @@ def default_path(model_name: str) -> Path:
     return Path("runs") / f"{stamp}-{safe}"
 
 
+def newest_run(root: Path = Path("runs")) -> Path | None:
+    """The run under ``root`` to watch when none is named: the newest one a trainer holds (live), else
+    the newest by its last record."""
+    runs = [d for d in root.iterdir() if (d / "plan.json").is_file()] if root.is_dir() else []
+
+    def last_written(d: Path) -> float:
+        return max((d / f).stat().st_mtime for f in ("plan.json", "metrics.jsonl") if (d / f).exists())
+
+    live = [d for d in runs if RunLock.holder(d) is not None]
+    return max(live or runs, key=last_written, default=None)
+
+
 def check_output(path: Path, overwrite: bool) -> None:
     """Refuse a directory that already holds something, unless told to overwrite."""
     if path.exists() and not path.is_dir():
