@@ -131,6 +131,15 @@ def test_micro_batches_are_seeded_and_resumable():
     ("bad.json", '[{"instruction": "a", "output": "b"}]\n[]', ":2: not valid JSON (Extra data after the array at column 1)"),
     ("bad.json", '[\n\n  "text"]', ":3: expected a JSON object, got str"),
     ("bad.json", ' [ ]\n', "no records (the array is empty); add objects to it"),
+    # a CSV or TSV file with a header row: the line a bad row starts on
+    ("bad.csv", 'instruction,output\n\n"multi\nline",b\nx,y,z\n', ":5: the row has 3 cells and the header 2 columns"),
+    ("bad.csv", 'instruction,output\nfine,ok\n"a"b,c\n', ":3: not a valid CSV row (',' expected after '\"')"),
+    ("bad.csv", 'instruction,output\n"open quote,b\n', ":2: not a valid CSV row (unexpected end of data)"),
+    ("bad.tsv", 'instruction\toutput\nx\n', ':2: an alpaca record needs a string "output"'),
+    ("bad.csv", 'prompt,completion\na,b\n', ":2: unknown record (keys: completion, prompt)"),
+    ("bad.csv", 'instruction,input,output\n', "no records (no rows under a header row)"),
+    ("train-00000-of-00001.parquet", "PAR1", "Parquet files are not read; write the rows as JSON lines, e.g. with: "
+                                             "python -c \"import pandas as pd; pd.read_parquet("),
     ("sharegpt.jsonl", '{"conversations": []}',
      ':1: "conversations" must be a non-empty list of {"from", "value"} objects'),
     ("sharegpt.jsonl", '{"conversations": [{"from": "bot", "value": "x"}]}',
@@ -170,6 +179,18 @@ def test_a_json_array_reads_as_its_records_would_line_by_line(tmp_path, demo_row
     windows = "[\r\n" + ",\r\n".join(json.dumps(r) for r in rows) + "\r\n]\r\n"
     array.write_bytes(b"\xef\xbb\xbf" + windows.encode())  # as Notepad saves it
     assert data.read_records(array) == ("alpaca", rows)
+
+
+def test_csv_and_tsv_rows_read_as_records(tmp_path):
+    rows = [{"instruction": "Say hi", "input": "", "output": "Hi!"},
+            {"instruction": "Two\nlines, one comma", "input": 'a "quote"', "output": "ok"}]
+    table = tmp_path / "excel.csv"  # as Excel saves "CSV UTF-8": a byte-order mark and Windows line ends
+    table.write_bytes(b"\xef\xbb\xbfinstruction,input,output\r\nSay hi,,Hi!\r\n"
+                      b'"Two\nlines, one comma","a ""quote""",ok\r\n')
+    assert data.read_records(table) == ("alpaca", rows)
+    tsv = tmp_path / "corpus.tsv"
+    tsv.write_text("text\tsource\nOnce upon a time.\tbook\n")
+    assert data.read_records(tsv) == ("text", [{"text": "Once upon a time.", "source": "book"}])
 
 
 def test_a_byte_order_mark_is_skipped(tmp_path, tok):
@@ -275,7 +296,7 @@ def _one_line_or_records(path):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(blob=st.binary(max_size=400), suffix=st.sampled_from([".jsonl", ".json", ".txt"]))
+@given(blob=st.binary(max_size=400), suffix=st.sampled_from([".jsonl", ".json", ".csv", ".txt"]))
 def test_any_bytes_give_records_or_one_line(tmp_path, blob, suffix):
     p = tmp_path / f"any{suffix}"
     p.write_bytes(blob)

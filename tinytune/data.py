@@ -1,7 +1,8 @@
 """JSONL / text → tokenized, masked, batched examples.
 
-Records come one JSON object per line (JSONL) or as one JSON array of objects (a ``.json`` file as
-many datasets ship); a leading UTF-8 byte-order mark is skipped. Record formats, detected from the
+Records come one JSON object per line (JSONL), as one JSON array of objects (a ``.json`` file as
+many datasets ship), or as the rows of a CSV/TSV file with a header row (alpaca or text columns);
+a leading UTF-8 byte-order mark is skipped. Record formats, detected from the
 first record and then required of every record:
 
 - alpaca:     {"instruction": str, "input"?: str, "output": str}
@@ -18,6 +19,8 @@ without a system role (Gemma's) gets each system message at the start of the nex
 from __future__ import annotations
 
 import codecs
+import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -78,22 +81,32 @@ def _read(path: Path) -> tuple[str, list, list[int]]:
     if not path.exists():
         raise UserError(f"--data {path}: no such file")
     if path.is_dir():
-        raise UserError(f"--data {path}: is a directory; pass a .jsonl, .json or .txt file")
+        raise UserError(f"--data {path}: is a directory; pass a .jsonl, .json, .csv or .txt file")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"--data {path}: cannot read ({e.strerror})") from None
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".arrow"):
+        raise UserError(f"--data {path}: {suffix[1:].title()} files are not read; write the rows as JSON lines, "
+                        "e.g. with: python -c \"import pandas as pd; pd.read_"
+                        f"{'parquet' if suffix == '.parquet' else 'feather'}('{path}').to_json('data.jsonl', "
+                        "orient='records', lines=True, force_ascii=False)\"")
     if b"\x00" in raw[:8192]:
-        raise UserError(f"--data {path}: looks binary (NUL bytes); pass a UTF-8 .jsonl, .json or .txt file")
+        raise UserError(f"--data {path}: looks binary (NUL bytes); pass a UTF-8 .jsonl, .json, .csv or .txt file")
     raw = raw.removeprefix(codecs.BOM_UTF8)
-    if path.suffix.lower() == ".txt":
+    if suffix == ".txt":
         text = _decode(raw, path)
         if not text.strip():
             raise UserError(f"--data {path}: the file is empty; it needs some text to train on")
         return "text-file", [text], [1]
     array = raw.lstrip()[:1] == b"["
+    if suffix in (".csv", ".tsv"):
+        found = _table_records(raw, path, "\t" if suffix == ".tsv" else ",")
+    else:
+        found = _array_records(raw, path) if array else _line_records(raw, path)
     fmt, records, lines = None, [], []
-    for lineno, rec in _array_records(raw, path) if array else _line_records(raw, path):
+    for lineno, rec in found:
         kind = _record_format(rec, path, lineno)
         if fmt is None:
             fmt = kind
@@ -102,7 +115,10 @@ def _read(path: Path) -> tuple[str, list, list[int]]:
         records.append(rec)
         lines.append(lineno)
     if not records:
-        empty = "the array is empty); add objects to it" if array else "the file is empty); add one JSON object per line"
+        if suffix in (".csv", ".tsv"):
+            empty = "no rows under a header row); add a header such as instruction,input,output and rows"
+        else:
+            empty = "the array is empty); add objects to it" if array else "the file is empty); add one JSON object per line"
         raise UserError(f"--data {path}: no records ({empty}")
     return fmt, records, lines
 
@@ -172,6 +188,25 @@ def _array_records(raw: bytes, path: Path) -> Iterator[tuple[int, object]]:
     pos = _skip_space(text, pos + 1)
     if pos < len(text):
         fail("Extra data after the array", pos)
+
+
+def _table_records(raw: bytes, path: Path, delimiter: str) -> Iterator[tuple[int, object]]:
+    """(line where it starts, {column: cell}) of each row under a CSV or TSV file's header row."""
+    csv.field_size_limit(MAX_RECORD_BYTES)
+    reader = csv.DictReader(io.StringIO(_decode(raw, path), newline=""), delimiter=delimiter, strict=True)
+    try:
+        for row in reader:
+            cells = [v for v in row.values() if isinstance(v, str)] + row.get(None, [])
+            start = reader.line_num - sum(v.count("\n") for v in cells)  # quoted cells may span lines
+            if None in row:  # more cells than the header has columns
+                raise UserError(f"{path}:{start}: the row has {len(cells)} cells and the header "
+                                f"{len(reader.fieldnames)} columns; quote cells that hold the delimiter")
+            yield start, {k: v for k, v in row.items() if v is not None}  # a short row lacks its last cells
+    except csv.Error as e:
+        # the reader counts a line once it parsed it: the bad one is the next
+        raise UserError(f"{path}:{reader.line_num + 1}: not a valid {path.suffix[1:].upper()} row ({e}); "
+                        "put a cell that holds quotes, the delimiter or line breaks in double quotes, "
+                        "its own quotes doubled") from None
 
 
 def _skip_space(text: str, pos: int) -> int:
