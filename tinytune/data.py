@@ -100,11 +100,13 @@ def _read(path: Path) -> tuple[str, list, list[int]]:
         if not text.strip():
             raise UserError(f"--data {path}: the file is empty; it needs some text to train on")
         return "text-file", [text], [1]
-    array = raw.lstrip()[:1] == b"["
     if suffix in (".csv", ".tsv"):
         found = _table_records(raw, path, "\t" if suffix == ".tsv" else ",")
+        empty = "no rows under a header row", "add a header such as instruction,input,output and rows"
+    elif raw.lstrip()[:1] == b"[":
+        found, empty = _array_records(raw, path), ("the array is empty", "add objects to it")
     else:
-        found = _array_records(raw, path) if array else _line_records(raw, path)
+        found, empty = _line_records(raw, path), ("the file is empty", "add one JSON object per line")
     fmt, records, lines = None, [], []
     for lineno, rec in found:
         kind = _record_format(rec, path, lineno)
@@ -115,11 +117,7 @@ def _read(path: Path) -> tuple[str, list, list[int]]:
         records.append(rec)
         lines.append(lineno)
     if not records:
-        if suffix in (".csv", ".tsv"):
-            empty = "no rows under a header row); add a header such as instruction,input,output and rows"
-        else:
-            empty = "the array is empty); add objects to it" if array else "the file is empty); add one JSON object per line"
-        raise UserError(f"--data {path}: no records ({empty}")
+        raise UserError(f"--data {path}: no records ({empty[0]}); {empty[1]}")
     return fmt, records, lines
 
 
