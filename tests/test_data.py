@@ -57,7 +57,7 @@ def test_a_token_is_learned_where_it_starts_inside_a_span(starts, spans):
     starts = sorted(starts)
     ids = list(range(100, 100 + len(starts)))
     ex = data.chat_example(ids, [(a, a + 1) for a in starts], sorted(spans), train_on_prompt=False)
-    assert ex.labels == [t if any(s <= a < e for s, e in spans) else data.IGNORE for t, a in zip(ids, starts)]
+    assert list(ex.labels) == [t if any(s <= a < e for s, e in spans) else data.IGNORE for t, a in zip(ids, starts)]
 
 
 def test_text_records_train_on_everything_and_end_with_eos(tok):
@@ -83,6 +83,15 @@ def test_txt_file_is_cut_into_windows(tmp_path, tok):
     p.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     ds = data.build(p, tok, seq_len=32, eval_fraction=0.0, train_on_prompt=False, seed=0)
     assert ds.format == "text-file" and all(len(e.input_ids) <= 32 for e in ds.train) and len(ds.train) > 5
+
+
+def test_examples_keep_4_bytes_a_token(tmp_path, tok, demo_rows):
+    """Int32 arrays, not lists of Python ints (≈36 bytes a token); labels equal to the ids are shared."""
+    chat = data.build(write_jsonl(tmp_path / "d.jsonl", demo_rows), tok, 128, 0.0, False, 0).train
+    text = data.build(write_jsonl(tmp_path / "t.jsonl", [{"text": "one two"}] * 4), tok, 128, 0.0, False, 0).train
+    for e in chat + text + data.pack(chat, 128, 0):
+        assert all(a.typecode == "i" and a.itemsize == 4 for a in (e.input_ids, e.labels))
+    assert all(e.labels is e.input_ids for e in text) and not any(e.labels is e.input_ids for e in chat)
 
 
 def test_collate_pads_right_and_masks(tok):
@@ -371,7 +380,7 @@ def test_pack_keeps_every_example_whole_and_restarts_positions():
         starts = [i for i, p in enumerate(r.position_ids) if p == 0] + [len(r.input_ids)]
         for a, b in zip(starts, starts[1:]):
             segments.append(tuple(r.input_ids[a:b]))
-            assert r.position_ids[a:b] == list(range(b - a)) and r.labels[a] == data.IGNORE
+            assert list(r.position_ids[a:b]) == list(range(b - a)) and r.labels[a] == data.IGNORE
             assert r.labels[a + 1:b] == r.input_ids[a + 1:b]
     assert sorted(segments) == sorted(tuple(e.input_ids) for e in examples)  # none split, dropped or repeated
     batch = data.collate(rows[:2], pad_id=0)
