@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pytest
@@ -200,6 +201,13 @@ def test_csv_and_tsv_rows_read_as_records(tmp_path):
     tsv = tmp_path / "corpus.tsv"
     tsv.write_text("text\tsource\nOnce upon a time.\tbook\n")
     assert data.read_records(tsv) == ("text", [{"text": "Once upon a time.", "source": "book"}])
+    packed = tmp_path / "excel.csv.gz"  # gzip: read as the file it holds
+    packed.write_bytes(gzip.compress(table.read_bytes()))
+    assert data.read_records(packed) == ("alpaca", rows)
+    damaged = tmp_path / "rows.jsonl.gz"
+    damaged.write_bytes(gzip.compress(b'{"text": "a"}\n')[:-6])
+    with pytest.raises(UserError, match=r"rows.jsonl.gz: a damaged gzip file \(Compressed file ended"):
+        data.read_records(damaged)
 
 
 def test_a_byte_order_mark_is_skipped(tmp_path, tok):

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import io
 import json
 import random
+import zlib
 from array import array
 from dataclasses import dataclass
 from importlib import resources
@@ -103,6 +105,12 @@ def _read(path: Path) -> tuple[str, list, list[int]]:
     except OSError as e:
         raise UserError(f"--data {path}: cannot read ({e.strerror})") from None
     suffix = path.suffix.lower()
+    if raw[:2] == b"\x1f\x8b":  # gzip (data.jsonl.gz): read what it holds, named by the inner suffix
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"--data {path}: a damaged gzip file ({e}); download or compress it again") from None
+        suffix = Path(path.stem).suffix.lower()
     if suffix in (".parquet", ".arrow"):
         raise UserError(f"--data {path}: {suffix[1:].title()} files are not read; write the rows as JSON lines, "
                         "e.g. with: python -c \"import pandas as pd; pd.read_"
