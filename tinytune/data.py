@@ -96,29 +96,7 @@ def read_records(path: Path) -> tuple[str, list]:
 
 def _read(path: Path) -> tuple[str, list, list[int]]:
     """(format, records, the line each record starts on)."""
-    if not path.exists():
-        raise UserError(f"--data {path}: no such file")
-    if path.is_dir():
-        raise UserError(f"--data {path}: is a directory; pass a .jsonl, .json, .csv or .txt file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"--data {path}: cannot read ({e.strerror})") from None
-    suffix = path.suffix.lower()
-    if raw[:2] == b"\x1f\x8b":  # gzip (data.jsonl.gz): read what it holds, named by the inner suffix
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise UserError(f"--data {path}: a damaged gzip file ({e}); download or compress it again") from None
-        suffix = Path(path.stem).suffix.lower()
-    if suffix in (".parquet", ".arrow"):
-        raise UserError(f"--data {path}: {suffix[1:].title()} files are not read; write the rows as JSON lines, "
-                        "e.g. with: python -c \"import pandas as pd; pd.read_"
-                        f"{'parquet' if suffix == '.parquet' else 'feather'}('{path}').to_json('data.jsonl', "
-                        "orient='records', lines=True, force_ascii=False)\"")
-    if b"\x00" in raw[:8192]:
-        raise UserError(f"--data {path}: looks binary (NUL bytes); pass a UTF-8 .jsonl, .json, .csv or .txt file")
-    raw = raw.removeprefix(codecs.BOM_UTF8)
+    raw, suffix = _file_bytes(path)
     if suffix == ".txt":
         text = _decode(raw, path)
         if not text.strip():
@@ -143,6 +121,33 @@ def _read(path: Path) -> tuple[str, list, list[int]]:
     if not records:
         raise UserError(f"--data {path}: no records ({empty[0]}); {empty[1]}")
     return fmt, records, lines
+
+
+def _file_bytes(path: Path) -> tuple[bytes, str]:
+    """The file's bytes (ungzipped, without a byte-order mark) and the suffix that names their format."""
+    if not path.exists():
+        raise UserError(f"--data {path}: no such file")
+    if path.is_dir():
+        raise UserError(f"--data {path}: is a directory; pass a .jsonl, .json, .csv or .txt file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--data {path}: cannot read ({e.strerror})") from None
+    suffix = path.suffix.lower()
+    if raw[:2] == b"\x1f\x8b":  # gzip (data.jsonl.gz): read what it holds, named by the inner suffix
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"--data {path}: a damaged gzip file ({e}); download or compress it again") from None
+        suffix = Path(path.stem).suffix.lower()
+    if suffix in (".parquet", ".arrow"):
+        raise UserError(f"--data {path}: {suffix[1:].title()} files are not read; write the rows as JSON lines, "
+                        "e.g. with: python -c \"import pandas as pd; pd.read_"
+                        f"{'parquet' if suffix == '.parquet' else 'feather'}('{path}').to_json('data.jsonl', "
+                        "orient='records', lines=True, force_ascii=False)\"")
+    if b"\x00" in raw[:8192]:
+        raise UserError(f"--data {path}: looks binary (NUL bytes); pass a UTF-8 .jsonl, .json, .csv or .txt file")
+    return raw.removeprefix(codecs.BOM_UTF8), suffix
 
 
 def _a(noun: str) -> str:
