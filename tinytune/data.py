@@ -1,4 +1,4 @@
-"""JSONL / text → tokenized, masked, batched examples.
+"""JSONL / JSON / CSV / text → tokenized, masked, batched examples.
 
 Records come one JSON object per line (JSONL), as one JSON array of objects (a ``.json`` file as
 many datasets ship), or as the rows of a CSV/TSV file with a header row (alpaca or text columns);
