@@ -281,3 +281,14 @@ def test_a_tiled_mlp_keeps_only_its_input_per_layer(technique, tiles):
         return _predicted_kept(layers, technique, device="cpu", mlp_tiles=tiles, gradient_checkpointing=False)
 
     assert peak(4) - peak(2) == kept(4) - kept(2)
+
+
+def test_a_budget_below_the_card_caps_the_allocator_less_the_cuda_context():
+    from tinytune.config import GIB
+    from tinytune.memory.estimate import CUDA_CONTEXT_BYTES
+    from tinytune.memory.probe import cap_fraction
+
+    card = 80 * GIB
+    assert cap_fraction(12 * GIB, card) == (12 * GIB - CUDA_CONTEXT_BYTES) / card  # as the benchmarks capped
+    assert cap_fraction(80 * GIB, card) is None and cap_fraction(96 * GIB, card) is None  # the whole card: no cap
+    assert cap_fraction(CUDA_CONTEXT_BYTES // 2, card) == 0.0

@@ -174,11 +174,17 @@ def test_a_planned_cuda_run_calibrates_and_stays_under_its_budget(tiny_model_dir
     log = io.StringIO()
     cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), out=str(tmp_path / "run"), vram=2 * GIB,
                       max_steps=4, eval_fraction=0.15, sample=False, seed=0, device="cuda")
-    run_dir = train.run(cfg, stream=log)
-    plan = json.loads((run_dir / "plan.json").read_text())
-    assert "calibration:" in log.getvalue(), log.getvalue()
-    peaks = [json.loads(line).get("mem_peak_gib") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(p for p in peaks if p is not None) <= plan["budget_gib"]
+    try:
+        run_dir = train.run(cfg, stream=log)
+        plan = json.loads((run_dir / "plan.json").read_text())
+        assert "calibration:" in log.getvalue(), log.getvalue()
+        assert "this process acts as a 2.00 GiB card (--vram 2GiB)" in log.getvalue()
+        peaks = [json.loads(line).get("mem_peak_gib") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert max(p for p in peaks if p is not None) <= plan["budget_gib"]
+        with pytest.raises(torch.OutOfMemoryError):  # the process acts as the 2 GiB card it planned for
+            torch.empty(2 * GIB, dtype=torch.uint8, device=CUDA)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def test_a_compiled_4bit_layer_matches_bitsandbytes_and_holds_one_weight_at_a_time():

@@ -357,6 +357,14 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
             f"{f' (the last {cfg.plain_layers} layers plain)' if cfg.plain_layers else ''}; predicted peak "
             f"{plan.chosen.est.peak / GIB:.2f} GiB, need {plan.chosen.est.needed / GIB:.2f} of {budget.bytes / GIB:.2f} GiB "
             f"({budget.source}{'; CPU run: fp32 activations' if device.type == 'cpu' else ''})")
+    if budget is not None and device.type == "cuda" and (cfg.vram or cfg.gpu):
+        total = probe.device_total_bytes(device)
+        if probe.cap_to_budget(budget.bytes, device) is not None:
+            say(f"memory: this process acts as a {budget.bytes / GIB:.2f} GiB card ({budget.source}) on a "
+                f"{total / GIB:.2f} GiB one; past that it runs out of memory as that card would")
+        elif budget.bytes > total:
+            say(f"warning: {budget.source} is more than this GPU's {total / GIB:.2f} GiB; a plan that needs more "
+                "runs out of memory (the run then halves its micro-batch)")
     save_every = parse_save_every(cfg.save_every)
 
     # 2. Load, adapt, plan.

@@ -25,14 +25,13 @@ def run_in_fresh_process(script: str, spec: dict, echo_stderr: bool = False) -> 
 
 
 def cap_cuda_memory(gib: float) -> None:
-    """Let this process's allocator use ``gib`` GiB less the CUDA context (which lies outside it)."""
+    """Make this process act as a card of ``gib`` GiB, as the trainer does for --vram."""
     import torch
 
     from tinytune.config import GIB
-    from tinytune.memory.estimate import CUDA_CONTEXT_BYTES
+    from tinytune.memory.probe import cap_to_budget
 
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction((gib * GIB - CUDA_CONTEXT_BYTES) / total)
+    cap_to_budget(int(gib * GIB), torch.device("cuda", 0))
 
 
 def train_step(model, optimizer, batch: dict, device, dtype) -> None:

@@ -58,6 +58,26 @@ def device_total_bytes(device: torch.device) -> int | None:
     return None
 
 
+def cap_fraction(budget_bytes: int, total_bytes: int) -> float | None:
+    """The share of the card the caching allocator may use for the process to stay within
+    ``budget_bytes``, the CUDA context (outside the allocator) included; None for a budget of the
+    whole card or more."""
+    from tinytune.memory.estimate import CUDA_CONTEXT_BYTES
+
+    if budget_bytes >= total_bytes:
+        return None
+    return max(0.0, budget_bytes - CUDA_CONTEXT_BYTES) / total_bytes
+
+
+def cap_to_budget(budget_bytes: int, device: torch.device) -> float | None:
+    """Cap this process's allocator so that it acts as a card of ``budget_bytes`` (past that it
+    raises out-of-memory, as that card would); returns the fraction set, or None if none was."""
+    fraction = cap_fraction(budget_bytes, device_total_bytes(device))
+    if fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
