@@ -362,9 +362,9 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
         if probe.cap_to_budget(budget.bytes, device) is not None:
             say(f"memory: this process acts as a {budget.bytes / GIB:.2f} GiB card ({budget.source}) on a "
                 f"{total / GIB:.2f} GiB one; past that it runs out of memory as that card would")
-        elif budget.bytes > total:
+        elif budget.bytes > 1.05 * total:  # a "12GB" card shows a little under 12 GiB: that is the card meant
             say(f"warning: {budget.source} is more than this GPU's {total / GIB:.2f} GiB; a plan that needs more "
-                "runs out of memory (the run then halves its micro-batch)")
+                "runs out of memory (the run then re-plans smaller)")
     save_every = parse_save_every(cfg.save_every)
 
     # 2. Load, adapt, plan.
