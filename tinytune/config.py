@@ -189,9 +189,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{f.name.replace('_', '-')} {value} must be a finite number")
-        for name in ("rank", "seq_len", "micro_batch", "grad_accum"):
+        for name, flag in (("rank", "--rank"), ("seq_len", "--seq-len"), ("micro_batch", "--batch"),
+                           ("grad_accum", "--grad-accum")):
             if int(getattr(self, name)) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive whole number")
+                raise UserError(f"{flag} {getattr(self, name)} must be a positive whole number")
         if self.lora_plus_ratio <= 0:
             raise UserError(f"--lora-plus-ratio {self.lora_plus_ratio} must be positive (the paper uses 16)")
         if self.vera_d_init == 0:
