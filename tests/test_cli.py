@@ -136,6 +136,8 @@ def bad_inputs(tmp_path, tiny_model_dir, demo_file, finished_run):
                                         "llama-3.1-8b has 32 decoder layers; use at most 31"),
         "unknown compile": (["--model", m, "--data", d, "--compile", "maybe"], "--compile 'maybe' is unknown"),
         "export of nothing": (["export", str(tmp_path), "--out", str(tmp_path / "x")], "not a tinytune run directory"),
+        "export with a bad shard size": (["export", str(finished_run), "--out", str(tmp_path / "x"), "--max-shard-size",
+                                          "huge"], "--max-shard-size 'huge' is not a size: write it like 200MB, 2GB or 2GiB"),
         "export of a corrupt adapter": (["export", str(corrupt_adapter), "--out", str(tmp_path / "x")],
                                         "not a readable safetensors file"),
         "export of a future run format": (["export", str(future), "--out", str(tmp_path / "x")], "run format 99"),
@@ -161,7 +163,7 @@ CASES = ["missing model", "non-causal model", "unsupported architecture", "corru
          "negative plain layers", "plain layers without checkpointing", "plain layers beyond the model",
          "plan with every layer plain", "unknown compile",
          "export of nothing",
-         "export of a corrupt adapter", "export of a future run format", "export with a bad dtype",
+         "export with a bad shard size", "export of a corrupt adapter", "export of a future run format", "export with a bad dtype",
          "resume of nothing", "resume of a future run format", "resume of a finished run",
          "resume before any checkpoint", "resume with other settings"]
 

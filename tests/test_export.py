@@ -169,3 +169,14 @@ def test_export_to_a_full_or_unwritable_disk_is_one_line_and_leaves_nothing(erro
     err = capsys.readouterr().err.strip()
     assert err == f"tinytune: error: --out {out}: cannot write the export ({os.strerror(error)}); free space or choose another directory"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shard_sizes_read_as_transformers_reads_them_and_in_binary_units():
+    from tinytune.errors import UserError
+    from tinytune.export import shard_size_bytes
+
+    assert shard_size_bytes("200MB") == 200 * 10**6 and shard_size_bytes(" 1.5 gb ") == 1_500_000_000
+    assert shard_size_bytes("2GiB") == 2 * 2**30 and shard_size_bytes(".5KB") == 500
+    for bad in ("huge", "0MB", "100", "5 GiBs", "-5MB"):
+        with pytest.raises(UserError, match="is not a size"):
+            shard_size_bytes(bad)

@@ -10,6 +10,7 @@ tolerances).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -114,6 +115,15 @@ def pick_adapter(run_dir: Path, step: int | None, say) -> Path:
     return final
 
 
+def shard_size_bytes(text: str) -> int:
+    """--max-shard-size in bytes: 200MB, 1.5GB (powers of 1000, as transformers reads them) or 2GiB."""
+    m = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT])(i?)B\s*", text, re.IGNORECASE)
+    size = float(m[1]) * (1024 if m[3] else 1000) ** ("KMGT".index(m[2].upper()) + 1) if m else 0
+    if size < 1:
+        raise UserError(f"--max-shard-size {text!r} is not a size: write it like 200MB, 2GB or 2GiB")
+    return int(size)
+
+
 def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = False, max_shard_size: str = "200MB",
            say=print, step: int | None = None) -> Path:
     """``step``: export that checkpoint (default: the run's newest weights, see ``pick_adapter``)."""
@@ -123,6 +133,7 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
         raise UserError(f"{run_dir}: not a tinytune run directory (no config.json); pass the --out of a training run")
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r} is unknown: choose fp16, bf16 or fp32")
+    shard_bytes = shard_size_bytes(max_shard_size)
     cfg = TrainConfig.load(run_dir / "config.json")
     adapter_path = pick_adapter(run_dir, step, say)
     state = rundir.load_tensors(adapter_path)
@@ -149,7 +160,7 @@ def export(run_dir: Path, out: Path, dtype: str = "fp16", overwrite: bool = Fals
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, max_shard_size=shard_bytes)
         tok.save_pretrained(tmp)
         rundir.publish_mode(tmp)
         if out.exists():
