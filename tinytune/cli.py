@@ -52,8 +52,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     d = TrainConfig()
     p.add_argument("--model", help="HF model directory, model id in the local HF cache, or a .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="JSONL or JSON array of alpaca, chat (messages or ShareGPT) or text records, a CSV/TSV file with "
-                        "alpaca or text columns, or a .txt file (default: the bundled demo set)")
+    p.add_argument("--data", help="JSONL or JSON array of alpaca, chat (messages or ShareGPT) or text records, "
+                   "a CSV/TSV file with alpaca or text columns, or a .txt file, any of them gzipped "
+                   "(default: the bundled demo set)")
     p.add_argument("--out", help="run directory (default: runs/<time>-<model>, numbered -2, -3, ... if taken)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     _plan_choices(p)

@@ -268,6 +268,17 @@ def after_oom(loop: LoopState, model, micro_batch: int, step: int) -> dict:
             "gradient_checkpointing": loop.gradient_checkpointing, "plain_layers": loop.plain_layers}
 
 
+def hold_to_budget(budget: planner.Budget, device: torch.device, say) -> None:
+    """On a GPU larger than a --vram/--gpu budget, make the process act as a card of that budget."""
+    total = probe.device_total_bytes(device)
+    if probe.cap_to_budget(budget.bytes, device) is not None:
+        say(f"memory: this process acts as a {budget.bytes / GIB:.2f} GiB card ({budget.source}) on a "
+            f"{total / GIB:.2f} GiB one; past that it runs out of memory as that card would")
+    elif budget.bytes > 1.05 * total:  # a "12GB" card shows a little under 12 GiB: that is the card meant
+        say(f"warning: {budget.source} is more than this GPU's {total / GIB:.2f} GiB; a plan that needs more "
+            "runs out of memory (the run then re-plans smaller)")
+
+
 def open_resume(run_dir: Path, overrides: dict, say, lock: rundir.RunLock) -> tuple[TrainConfig, dict, checkpoint.Checkpoint]:
     """Check a run directory for --resume, take it from any other trainer and read its newest readable
     checkpoint."""
@@ -358,13 +369,7 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
             f"{plan.chosen.est.peak / GIB:.2f} GiB, need {plan.chosen.est.needed / GIB:.2f} of {budget.bytes / GIB:.2f} GiB "
             f"({budget.source}{'; CPU run: fp32 activations' if device.type == 'cpu' else ''})")
     if budget is not None and device.type == "cuda" and (cfg.vram or cfg.gpu):
-        total = probe.device_total_bytes(device)
-        if probe.cap_to_budget(budget.bytes, device) is not None:
-            say(f"memory: this process acts as a {budget.bytes / GIB:.2f} GiB card ({budget.source}) on a "
-                f"{total / GIB:.2f} GiB one; past that it runs out of memory as that card would")
-        elif budget.bytes > 1.05 * total:  # a "12GB" card shows a little under 12 GiB: that is the card meant
-            say(f"warning: {budget.source} is more than this GPU's {total / GIB:.2f} GiB; a plan that needs more "
-                "runs out of memory (the run then re-plans smaller)")
+        hold_to_budget(budget, device, say)
     save_every = parse_save_every(cfg.save_every)
 
     # 2. Load, adapt, plan.
