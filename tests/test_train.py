@@ -114,3 +114,24 @@ def test_a_compiled_run_trains_as_an_eager_one_and_compiles_its_layers_few_times
         torch.testing.assert_close([v for v in compiled if v is not None], [v for v in eager if v is not None],
                                    rtol=1e-4, atol=0)
     torch._dynamo.reset()
+
+
+def test_a_larger_gpu_acts_as_the_card_of_the_budget_and_a_smaller_one_warns(monkeypatch):
+    """The decisions of the GPU cap, with the card's size and the allocator's setter stood in for."""
+    from tinytune.config import GIB
+    from tinytune.memory import probe
+    from tinytune.memory.estimate import CUDA_CONTEXT_BYTES
+    from tinytune.planner import Budget
+
+    card, fractions, said = {}, [], []
+    monkeypatch.setattr(probe, "device_total_bytes", lambda device: card["total"])
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    budget = Budget(12 * GIB, "cuda", "--vram 12GB")
+    for total in (24 * GIB, int(11.75 * GIB), 8 * GIB):  # a 24 GB card, a "12GB" card, an 8 GB card
+        card["total"] = total
+        train.hold_to_budget(budget, torch.device("cuda"), said.append)
+    assert fractions == [(12 * GIB - CUDA_CONTEXT_BYTES) / (24 * GIB)]
+    assert said == ["memory: this process acts as a 12.00 GiB card (--vram 12GB) on a 24.00 GiB one; past that "
+                    "it runs out of memory as that card would",
+                    "warning: --vram 12GB is more than this GPU's 8.00 GiB; a plan that needs more runs out of "
+                    "memory (the run then re-plans smaller)"]
