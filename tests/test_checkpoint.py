@@ -24,6 +24,7 @@ from tinytune import checkpoint, loading, optim, train
 from tinytune.cli import main
 from tinytune.config import SaveEvery, TrainConfig, parse_save_every
 from tinytune.errors import UserError
+from tinytune.export import saved_step
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
@@ -163,8 +164,13 @@ def test_sigkill_at_a_random_step_then_resume_gives_bit_identical_weights(tiny_m
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at step {kill_after}"
-    assert not (killed / "adapter.safetensors").exists()
     stopped_at = checkpoint.complete(killed)[0].name
+    # the run's adapter (and PEFT copy) is the newest checkpoint's, or the one before if the kill fell
+    # between writing the two
+    saved = saved_step(killed / "adapter.safetensors")
+    assert saved in (int(stopped_at[5:]), int(stopped_at[5:]) - 1) and (killed / "peft").is_dir()
+    assert_same_tensors(killed / "checkpoints" / f"step-{saved:08d}" / "adapter.safetensors",
+                        killed / "adapter.safetensors")
 
     result = subprocess.run([sys.executable, "-m", "tinytune", "--resume", str(killed)], capture_output=True,
                             text=True, env=ENV, timeout=300)
@@ -448,10 +454,10 @@ def test_a_disk_that_fills_up_is_one_line_and_says_how_to_go_on(where, tiny_mode
         else:
             real_save = rundir.save_tensors
 
-            def save_tensors(path, *a, **k):
-                if path.name == "adapter.safetensors":
+            def save_tensors(path, tensors, metadata=None):
+                if path.name == "adapter.safetensors" and metadata["step"] == "4":  # the last one
                     raise full
-                real_save(path, *a, **k)
+                real_save(path, tensors, metadata=metadata)
             m.setattr(rundir, "save_tensors", save_tensors)
         out = tmp_path / "run"
         code = main(train_argv(tiny_model_dir, demo_file, out, 4, "--eval-fraction", "0"))

@@ -84,7 +84,7 @@ def _still_attached(model: nn.Module, name: str, module: nn.Module) -> bool:
         return False
 
 
-def _saved_step(path: Path) -> int | None:
+def saved_step(path: Path) -> int | None:
     """The step an adapter file was saved at (its metadata); None if it does not say or is damaged."""
     from safetensors import safe_open
 
@@ -107,7 +107,7 @@ def pick_adapter(run_dir: Path, step: int | None, say) -> Path:
         return checkpoints[step]
     final = run_dir / "adapter.safetensors"
     newest = max(checkpoints, default=None)
-    saved = _saved_step(final) if final.is_file() else None
+    saved = saved_step(final) if final.is_file() else None
     if newest is not None and (not final.is_file() or (saved is not None and saved < newest)):
         why = "a newer checkpoint than its final adapter" if final.is_file() else "no final adapter"
         say(f"{run_dir} has {why}: exporting the checkpoint of step {newest}")

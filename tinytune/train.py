@@ -462,9 +462,26 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
         publish(event)
         bar.message(f"{'paused' if paused else 'resumed'} after step {step}")
 
+    def save_adapter(step: int) -> None:
+        """RUN_DIR/adapter.safetensors and its PEFT copy: the newest weights saved, at every checkpoint
+        and at the end, so export and PEFT find them whenever the run stops, however it stops."""
+        state = adapters.state(model)
+        try:
+            rundir.save_tensors(out / "adapter.safetensors", state,
+                                metadata={"step": str(step), "format": str(rundir.FORMAT_VERSION)})
+            if cfg.technique in PEFT_TECHNIQUES:
+                save_peft_adapter(out / "peft", state, cfg, source)
+        except OSError as e:
+            metrics.close()
+            same = f"the checkpoint of step {step} holds the same weights"
+            then = (f"export it with: tinytune export {out} ({same})" if step >= total_steps
+                    else f"resume with: tinytune --resume {out} ({same})")
+            raise rundir.write_failed(out / "adapter.safetensors", e, then) from None
+
     def save_checkpoint(step: int) -> Path:
         trainer = {"total_steps": total_steps, "data_sha256": digest, "loop": dataclasses.asdict(loop)}
         path = checkpoint.save(out, step, model, optimizer, schedule, scaler, device, trainer, cfg.keep_checkpoints)
+        save_adapter(step)
         event = {"step": step, "event": "checkpoint", "path": str(path.relative_to(out))}
         publish(event)
         return path
@@ -555,19 +572,11 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
                 if stop.stop:
                     break
 
-        # 4. Save: a checkpoint (so a stopped run resumes), the adapter and its PEFT copy.
+        # 4. Save: a checkpoint (so a stopped run resumes) with the adapter and its PEFT copy.
         if step > 0:
             save_checkpoint(step)
-        state = adapters.state(model)
-        try:
-            rundir.save_tensors(out / "adapter.safetensors", state,
-                                metadata={"step": str(step), "format": str(rundir.FORMAT_VERSION)})
-            if cfg.technique in PEFT_TECHNIQUES:
-                save_peft_adapter(out / "peft", state, cfg, source)
-        except OSError as e:
-            metrics.close()
-            then = f"export it with: tinytune export {out} (the checkpoint of step {step} holds the same weights)"
-            raise rundir.write_failed(out / "adapter.safetensors", e, then) from None
+        else:
+            save_adapter(step)
     if stop.stop and step < total_steps:
         event = {"step": step, "event": "stopped", "total_steps": total_steps, "reason": stop.reason}
         say(f"stopped at step {step} of {total_steps} ({stop.reason}); saved {out}\n"
