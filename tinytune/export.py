@@ -96,8 +96,9 @@ def saved_step(path: Path) -> int | None:
 
 
 def pick_adapter(run_dir: Path, step: int | None, say) -> Path:
-    """The adapter file to export: checkpoint ``step`` if given; else the run's final adapter, or a
-    newer checkpoint's where there is one (a run stopped, resumed and killed, or still training)."""
+    """The adapter file to export: checkpoint ``step`` if given; else RUN_DIR/adapter.safetensors (the
+    trainer rewrites it after every checkpoint and at the end), or a newer checkpoint's where there
+    is one (a kill between the two writes, or a run from before that)."""
     checkpoints = {int(checkpoint.STEP_RE.match(p.name).group(1)): p / "adapter.safetensors"
                    for p in checkpoint.complete(run_dir)}
     if step is not None:
