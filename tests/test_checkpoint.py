@@ -356,8 +356,10 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, 
     assert code == 2
     assert err[-1].startswith("tinytune: error: training diverged: the loss was NaN/inf for 5 steps in a row (steps 4–8)")
     assert "step-00000003" in err[-1]
-    assert not (out / "adapter.safetensors").exists()
     assert [p.name for p in checkpoint.complete(out)][0] == "step-00000003"
+    # the run's adapter is the last good checkpoint's, not the diverged weights
+    assert saved_step(out / "adapter.safetensors") == 3
+    assert_same_tensors(out / "checkpoints" / "step-00000003" / "adapter.safetensors", out / "adapter.safetensors")
 
 
 # --- damaged or unwritable checkpoints ---------------------------------------------------------------
