@@ -246,7 +246,7 @@ def _record_format(rec, path: Path, lineno: int) -> str:
     where = f"{path}:{lineno}"
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    key = next((k for k in CHAT_KEYS if k in rec), None)
+    key = _chat_key(rec)
     if key is not None:
         role, text, roles, names, answer = CHAT_KEYS[key]
         turns = rec[key]
@@ -282,8 +282,18 @@ def _record_format(rec, path: Path, lineno: int) -> str:
                     "use \"instruction\"+\"output\", \"messages\", \"conversations\" or \"text\"")
 
 
+def _chat_key(rec: dict) -> str | None:
+    """The key of a chat record's turns ("messages" or ShareGPT's "conversations"), else None."""
+    return next((k for k in CHAT_KEYS if k in rec), None)
+
+
+def _learned(message: dict) -> bool:
+    """Whether a chat message is an answer to learn: an assistant's, not of ``"weight": 0``."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
 def to_messages(rec: dict) -> list[dict]:
-    key = next((k for k in CHAT_KEYS if k in rec), None)
+    key = _chat_key(rec)
     if key is not None:
         role, text, roles = CHAT_KEYS[key][:3]
         return [{"role": roles[t[role]], "content": t[text], **({"weight": t["weight"]} if "weight" in t else {})}
@@ -298,7 +308,7 @@ def render_chat(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     full = tok.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+        if not _learned(m):
             continue
         before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
@@ -413,8 +423,9 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
     origins: list[int] = []  # record index of each example
     truncated = dropped = folded = 0
     conversations = [to_messages(rec) for rec in records] if fmt in ("alpaca", "chat") else []
-    if any(m["role"] == "system" for c in conversations for m in c) and not takes_system(tok):
-        folded = sum(any(m["role"] == "system" for m in c) for c in conversations)
+    with_system = sum(any(m["role"] == "system" for m in c) for c in conversations)
+    if with_system and not takes_system(tok):
+        folded = with_system
         conversations = [fold_system(c) for c in conversations]
     if fmt == "text-file":
         ids = encode_text(tok, records[0]).input_ids
@@ -446,7 +457,7 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
     if fmt in ("alpaca", "chat") and eval_idx:
         # The first held-out record, minus its last answer, is the before/after generation sample.
         msgs = conversations[origins[eval_idx[0]]]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("weight", 1))
+        last = max(i for i, m in enumerate(msgs) if _learned(m))
         sample_prompt, sample_answer = msgs[:last], msgs[last]["content"]
     return Dataset(
         train=[examples[i] for i in train_idx], eval=[examples[i] for i in eval_idx], format=fmt,
