@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -84,7 +85,7 @@ def create(path: Path, overwrite: bool, numbered: bool = False) -> Path:
     taken (another trainer started in the same second) the first free one of path-2, path-3, ... is
     made instead; mkdir is atomic, so two trainers never get the same one."""
     if numbered:
-        for n in range(1, 10_000):
+        for n in itertools.count(1):
             numbered_path = path if n == 1 else path.with_name(f"{path.name}-{n}")
             try:
                 numbered_path.mkdir(parents=True)
