@@ -178,7 +178,12 @@ def complete(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)), reverse=True)
+    return sorted(found, key=step_of, reverse=True)
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory, from its name (step-00000120 → 120)."""
+    return int(STEP_RE.match(path.name).group(1))
 
 
 def remove_partial(run_dir: Path) -> None:

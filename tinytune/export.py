@@ -99,8 +99,7 @@ def pick_adapter(run_dir: Path, step: int | None, say) -> Path:
     """The adapter file to export: checkpoint ``step`` if given; else RUN_DIR/adapter.safetensors (the
     trainer rewrites it after every checkpoint and at the end), or a newer checkpoint's where there
     is one (a kill between the two writes, or a run from before that)."""
-    checkpoints = {int(checkpoint.STEP_RE.match(p.name).group(1)): p / "adapter.safetensors"
-                   for p in checkpoint.complete(run_dir)}
+    checkpoints = {checkpoint.step_of(p): p / "adapter.safetensors" for p in checkpoint.complete(run_dir)}
     if step is not None:
         if step not in checkpoints:
             kept = ", ".join(map(str, sorted(checkpoints))) or "none"
