@@ -5,20 +5,36 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama_config
-from transformers import LlamaForCausalLM
 
-from tinytune import adapters, loading, quant
+from tinytune import adapters, loading, presets, quant
 from tinytune.config import TrainConfig
 from tinytune.loss import causal_lm_loss_sum
 from tinytune.memory import estimate as E
 from tinytune.memory.probe import model_storages, saved_activation_bytes
 
 SHAPE_KW = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+ARCHITECTURES = loading.SUPPORTED_MODEL_TYPES
 
 
-def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dtype: torch.dtype):
+def _config(layers: int, model_type: str = "llama"):
+    """A tiny config of ``model_type``; where the architecture has windowed layers, a window (16)
+    shorter than the tests' 32 tokens, so that those layers' masks are exercised."""
+    if model_type == "llama":
+        return tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW)
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, num_hidden_layers=layers, head_dim=16, max_position_embeddings=512,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=2, **SHAPE_KW)
+    if getattr(config, "sliding_window", None):
+        config.sliding_window = 16
+    return config
+
+
+def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dtype: torch.dtype, model_type: str = "llama"):
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW)).to(dtype)
+    model = AutoModelForCausalLM.from_config(_config(layers, model_type)).to(dtype)
     model.requires_grad_(False)
     if bits != 16:
         for layer in model.model.layers:
@@ -52,51 +68,48 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("technique,bits,dropout,dtype", CASES, ids=[f"{c[0]}-{c[1]}bit-p{c[2]}-{str(c[3])[6:]}" for c in CASES])
-def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, padded):
-    """One decoder layer's saved tensors, as autograd reports them, equal the formula byte for byte.
+def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, padded, model_type):
+    """One decoder layer's saved tensors, as autograd reports them, equal the formula byte for byte,
+    for every architecture tinytune loads (extra norms, q/k norms, eager soft-capped attention,
+    fused projections, windowed layers: the window is shorter than the sequence).
 
     The difference between a 4-layer and a 2-layer model isolates two layers from the embedding
     and loss. In bf16 without autocast each layer also keeps bf16 copies of its fp32 adapter weights;
     LoRA's dropout keeps an 8-byte seed per branch instead of its mask.
     """
     rank, batch, seq = 8, 2, 32
-    per_two = _saved(_model(4, bits, technique, rank, dropout, dtype), batch, seq, padded) - _saved(
-        _model(2, bits, technique, rank, dropout, dtype), batch, seq, padded)
-    shape = E.ModelShape.from_config(tiny_llama_config(**SHAPE_KW))
+    per_two = _saved(_model(4, bits, technique, rank, dropout, dtype, model_type), batch, seq, padded) - _saved(
+        _model(2, bits, technique, rank, dropout, dtype, model_type), batch, seq, padded)
+    shape = E.ModelShape.from_config(_config(4, model_type))
     # "cpu" counts fp32 activations; the bf16 cases use the CUDA activation size with CPU dropout masks.
-    setup = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
-                    device="cpu", padded=padded, gradient_checkpointing=False)
     d = 2 if dtype == torch.bfloat16 else 4
-    per_token = E.layer_saved_bytes_per_token(shape, setup)
-    if d == 2:  # same formula at 2 bytes per element; dropout masks stay in the dtype on a CPU
-        setup16 = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
-                          device="cuda", padded=padded, gradient_checkpointing=False)
-        per_token = E.layer_saved_bytes_per_token(shape, setup16)
-        if dropout and technique in ("vera", "lora-fa"):
-            n_in = sum(i for i, _ in shape.linears().values())
-            per_token += (d - 1) * (n_in if technique != "lora-fa" else rank * 7)
+    setup = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
+                    device="cuda" if d == 2 else "cpu", padded=padded, gradient_checkpointing=False)
+    masked = E.masked_layers(shape, setup)[2:]  # the two layers the difference isolates
+    per_token = sum(E.layer_saved_bytes_per_token(shape, setup, m) for m in masked)
+    if d == 2 and dropout and technique in ("vera", "lora-fa"):  # dropout masks stay in the dtype on a CPU
+        n_in = sum(i for i, _ in shape.linears().values())
+        per_token += 2 * (d - 1) * (n_in if technique != "lora-fa" else rank * len(shape.linears()))
     casts = 0
     if d == 2:
-        trainable, stored, _ = E.adapter_params(shape, setup16)
-        if technique == "vera":
-            stored -= rank * (64 + 160)  # the shared matrices themselves are the model's, once
-        casts = E.adapter_cast_bytes(shape, setup16, trainable, stored) // shape.layers
+        casts = E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2]) // shape.layers
     elif technique == "vera":  # fp32: each layer keeps B with its rows scaled by Λb
         casts = E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2]) // shape.layers
-        assert casts == rank * (64 + 32 + 32 + 64 + 160 + 160 + 64) * 4
-    seeds = 8 * 7 if dropout and technique in ("lora", "lora-plus") else 0  # each branch's mask seed (int64)
-    assert per_two / 2 == per_token * batch * seq + casts + seeds
+        assert casts == rank * sum(o for _, o in shape.linears().values()) * 4
+    seeds = 8 * len(shape.linears()) if dropout and technique in ("lora", "lora-plus") else 0  # each branch's mask seed (int64)
+    assert per_two == per_token * batch * seq + 2 * (casts + seeds + E.layer_saved_fixed_bytes(shape, setup))
 
 
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("technique", ["lora", "lora-fa", "vera", "delta-lora"])
-def test_weight_and_adapter_bytes_match_the_model(bits, technique):
+def test_weight_and_adapter_bytes_match_the_model(bits, technique, model_type):
     """Base weights (with bitsandbytes' quantization state) and adapter tensors, counted on a real model."""
-    cfg = tiny_llama_config(num_hidden_layers=2, **SHAPE_KW)
-    model = _model(2, bits, technique, 8, 0.0, torch.float32)
-    shape = E.ModelShape.from_config(cfg)
+    model = _model(2, bits, technique, 8, 0.0, torch.float32, model_type)
+    shape = E.ModelShape.from_config(_config(2, model_type))
     setup = E.Setup(technique=technique, rank=8, bits=bits, device="cpu")
 
     linear_bytes, other_bytes, adapter_bytes = 0, 0, 0
@@ -114,7 +127,7 @@ def test_weight_and_adapter_bytes_match_the_model(bits, technique):
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if ".layers." in name and (name.endswith(".weight") and ".base." in name or "proj.weight" in name):
             continue
-        if "rotary_emb" in name:  # RoPE's inverse frequencies: 16 numbers, left out of the estimate
+        if "rotary_emb" in name or p.dim() == 0:  # RoPE's inverse frequencies, Gemma's embedding scale
             continue
         if any(k in name for k in ("lora_", "vera_", "snap_")):
             adapter_bytes += p.numel() * p.element_size()
@@ -152,10 +165,10 @@ def test_optimizer_state_bytes_match_the_flat_optimizer(technique, rank):
     assert measured <= E.optimizer_bytes(trainable + padding, big + padding * (big > 0), "paged-adamw-8bit", 4) + 16
 
 
-def test_full_fine_tuning_counts_every_parameter():
-    cfg = tiny_llama_config(num_hidden_layers=2, **SHAPE_KW)
-    shape = E.ModelShape.from_config(cfg)
-    model = LlamaForCausalLM(cfg)
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_full_fine_tuning_counts_every_parameter(model_type):
+    shape = E.ModelShape.from_config(_config(2, model_type))
+    model = _model(2, 16, "full", 8, 0.0, torch.float32, model_type)
     assert shape.n_params == sum(p.numel() for p in model.parameters())
     est = E.estimate(shape, E.Setup(technique="full", bits=16, device="cpu", optim="adamw"))
     assert est.trainable_params == shape.n_params
@@ -165,17 +178,28 @@ def test_full_fine_tuning_counts_every_parameter():
 
 def test_presets_size_like_the_published_models():
     """Parameter counts of the shape presets against the sizes their makers publish."""
-    from tinytune import presets
 
     published = {"llama-3.1-8b": 8.03e9, "llama-3.2-1b": 1.24e9, "llama-3.2-3b": 3.21e9, "mistral-7b": 7.25e9,
-                 "qwen2.5-7b": 7.62e9, "smollm2-135m": 134.5e6, "smollm2-360m": 361.8e6, "smollm2-1.7b": 1.71e9}
+                 "qwen2.5-7b": 7.62e9, "smollm2-135m": 134.5e6, "smollm2-360m": 361.8e6, "smollm2-1.7b": 1.71e9,
+                 "gemma-2-2b": 2.61e9, "gemma-3-1b": 1.00e9, "qwen3-4b": 4.02e9, "qwen3-8b": 8.19e9,
+                 "phi-3-mini": 3.82e9, "olmo-2-7b": 7.30e9}
     for name, n in published.items():
         assert presets.model_shape(name).n_params == pytest.approx(n, rel=0.01), name
 
 
-def test_checkpointing_and_techniques_order_memory_as_expected():
-    from tinytune import presets
+@pytest.mark.parametrize("name", presets.model_names())
+def test_a_preset_reads_as_transformers_reads_its_config(name):
+    """A preset's shape (windowed layers from its pattern shorthand, soft-capping) equals the shape of
+    the config transformers builds from the same fields, with its own defaults for the rest."""
+    from transformers import AutoConfig
 
+    _, fields = presets.model_config(name)
+    fields = {k: v for k, v in fields.items() if k != "sliding_window_pattern"}  # transformers' default pattern
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    assert presets.model_shape(name) == E.ModelShape.from_config(config, name=name)
+
+
+def test_checkpointing_and_techniques_order_memory_as_expected():
     shape = presets.model_shape("llama-3.1-8b")
     base = E.Setup(seq_len=2048)
     lora, no_ckpt = E.estimate(shape, base), E.estimate(shape, E.with_(base, gradient_checkpointing=False))

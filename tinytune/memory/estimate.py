@@ -2,9 +2,9 @@
 
 Every figure is bytes, and every component is a separate function of a ``ModelShape`` and a
 ``Setup`` so a plan can show where its memory goes. What autograd keeps per decoder layer was
-derived op by op from the transformers Llama layer and checked against ``saved_tensors_hooks`` on
-real (tiny) models for every technique, 4/8/16-bit bases, fp32 and bf16, with and without dropout
-and padding: tests/test_estimate.py holds those checks.
+derived op by op from the transformers layers and checked against ``saved_tensors_hooks`` on real
+(tiny) models of every supported architecture, for every technique, 4/8/16-bit bases, fp32 and
+bf16, with and without dropout and padding: tests/test_estimate.py holds those checks.
 
 Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32):
 
@@ -19,6 +19,19 @@ Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32)
   keeps x·A (d·r) and, for λ_b's gradient, the narrower of its second product's input (d·r, where
   λ_b scales B's rows first) and output (d·out); LoRA-FA, whose A is frozen, keeps neither x nor a
   copy.
+
+What other architectures add to a Llama layer:
+
+- Qwen3 and Gemma 3 normalize q and k per head, OLMo 2 over all of q and all of k: each such norm
+  keeps its fp32 input and one reciprocal RMS per head (per token for OLMo 2);
+- Gemma 2 and 3 have four norms on the hidden width, not two, and Gemma's norms scale by (1 + w),
+  an fp32 vector each call keeps (per layer, not per token);
+- Gemma 2 has no SDPA path in transformers: eager attention keeps q, k and v repeated to every head
+  and heads × s score maps per token (the soft-capped scores in the compute dtype, the fp32
+  softmax and, in 16 bits, its cast), and builds a full (batch, 1, s, s) mask per step;
+- Phi-3 fuses q/k/v and gate/up into one projection each; its RoPE'd q is laid out head-major, so
+  SDPA's output is too and o_proj's input is a copy of its own;
+- a windowed layer (Mistral, Gemma, Phi-3) has a mask once the sequence reaches its window.
 
 With gradient checkpointing only each layer's input (d·h per token) is kept for the whole model;
 one layer's set above exists again while its backward runs. Layers left out of checkpointing (the
@@ -39,13 +52,23 @@ BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer states for tenso
 LOSS_CHUNK = 1024  # most tokens per chunk of the output head + cross-entropy (tinytune.loss)
 LOSS_CHUNK_LOGITS = 2**26  # and fewer for large vocabularies: one chunk's logits stay within this many
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_TECHNIQUES = ("lora", "lora-fa", "vera", "delta-lora", "lora-plus")
+
+
+EAGER_ATTENTION = ("gemma2",)
+"""Model types whose transformers attention has no SDPA path: eager attention, s×s score maps."""
+QK_NORM = {"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}
+"""RMSNorms on q and k: over each head ("head") or over all of q and all of k ("full")."""
+FOUR_NORMS = ("gemma2", "gemma3_text")  # also around the attention's and the MLP's outputs
+NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3_text")  # a norm scales by (1 + w), computed in fp32 each call
+FUSED = ("phi3",)  # one qkv_proj and one gate_up_proj per layer
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the estimator needs to know about a decoder: a transformers config, reduced."""
+    """What the estimator needs to know about a decoder: a transformers config, reduced. Where
+    architectures differ in what a layer keeps for backward (extra norms, eager attention, fused
+    projections, sliding windows), the model type decides, as transformers' code for it does."""
 
     name: str
     model_type: str
@@ -59,6 +82,13 @@ class ModelShape:
     tied: bool
     max_context: int
     qkv_bias: bool = False
+    attn_softcap: bool = False
+    """Attention scores soft-capped (tanh): one more score map kept, where attention is eager."""
+    logit_softcap: bool = False
+    """The head's logits soft-capped (tanh): one more fp32 copy of a loss chunk's logits."""
+    sliding_window: int = 0
+    sliding: tuple[bool, ...] = ()
+    """Per decoder layer, whether its attention is windowed to ``sliding_window`` tokens (empty: none is)."""
 
     @classmethod
     def from_config(cls, config, name: str = "") -> "ModelShape":
@@ -67,18 +97,40 @@ class ModelShape:
         heads = get("num_attention_heads")
         hidden = get("hidden_size")
         model_type = get("model_type")
+        layers = get("num_hidden_layers")
         return cls(
             name=name or get("_name_or_path", "") or model_type, model_type=model_type,
-            layers=get("num_hidden_layers"), hidden=hidden, intermediate=get("intermediate_size"), heads=heads,
+            layers=layers, hidden=hidden, intermediate=get("intermediate_size"), heads=heads,
             kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or hidden // heads,
             vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", False)),
             max_context=get("max_position_embeddings") or 0,
             qkv_bias=bool(get("attention_bias", False)) or model_type == "qwen2",
+            attn_softcap=bool(get("attn_logit_softcapping")), logit_softcap=bool(get("final_logit_softcapping")),
+            sliding_window=get("sliding_window") or 0, sliding=_sliding_layers(get, layers),
         )
+
+    @property
+    def fused(self) -> bool:
+        return self.model_type in FUSED
+
+    @property
+    def eager_attention(self) -> bool:
+        return self.model_type in EAGER_ATTENTION
+
+    @property
+    def qk_norm(self) -> str:
+        return QK_NORM.get(self.model_type, "")
+
+    @property
+    def layer_norms(self) -> int:
+        """RMSNorms over the hidden width in one decoder layer."""
+        return 4 if self.model_type in FOUR_NORMS else 2
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer of one decoder layer."""
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        if self.fused:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
@@ -91,10 +143,28 @@ class ModelShape:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
+    def qk_norm_widths(self) -> tuple[int, int]:
+        """(weights, normalized values per token) of one layer's q and k norms."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"head": (2 * self.head_dim, q + kv), "full": (q + kv, q + kv)}.get(self.qk_norm, (0, 0))
+
+    @property
     def n_params(self) -> int:
-        norms = (2 * self.layers + 1) * self.hidden
+        norms = (self.layer_norms * self.layers + 1) * self.hidden + self.layers * self.qk_norm_widths[0]
         bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
         return self.layers * self.linear_params_per_layer + self.embedding_params + norms + bias
+
+
+def _sliding_layers(get, layers: int) -> tuple[bool, ...]:
+    """Which layers window their attention: transformers' ``layer_types``, else every
+    ``sliding_window_pattern``-th layer attends fully (a preset's shorthand), else all of them
+    where a window is set (Mistral)."""
+    if not get("sliding_window"):
+        return ()
+    if types := get("layer_types"):
+        return tuple(t == "sliding_attention" for t in types)
+    pattern = get("sliding_window_pattern")
+    return tuple((i + 1) % pattern != 0 for i in range(layers)) if pattern else (True,) * layers
 
 
 @dataclass(frozen=True)
@@ -135,11 +205,10 @@ class Setup:
         return self.micro_batch > 1 if self.padded is None else self.padded
 
     def adapted(self, shape: ModelShape) -> list[str]:
-        if self.technique == "full":
-            return list(LINEAR_NAMES)
-        if "all-linear" in self.targets:
-            return list(LINEAR_NAMES)
-        return [n for n in LINEAR_NAMES if n in self.targets]
+        names = list(shape.linears())
+        if self.technique == "full" or "all-linear" in self.targets:
+            return names
+        return [n for n in names if n in self.targets]
 
 
 @dataclass
@@ -253,15 +322,35 @@ def optimizer_bytes(trainable: int, big: int, optim: str, param_bytes: int) -> i
 
 # --- activations -----------------------------------------------------------------------------------
 
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+INPUT_GROUPS = {"q_proj": "in1", "k_proj": "in1", "v_proj": "in1", "qkv_proj": "in1", "o_proj": "attn",
+                "gate_proj": "in2", "up_proj": "in2", "gate_up_proj": "in2", "down_proj": "act"}
+"""Linear layers that share an input (a LoRA layer keeps its input once per group)."""
+NORM_WEIGHT_FP32 = (*NORM_PLUS_ONE, "olmo2")  # norms that multiply by their weight in fp32
 
 
-def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
-    """Bytes autograd keeps per token for one decoder layer without checkpointing (see module doc)."""
-    return sum(_saved_per_token(shape, setup))
+def masked_layers(shape: ModelShape, setup: Setup) -> list[bool]:
+    """Per decoder layer, whether its attention gets a mask: a padded batch, or a window shorter than
+    the sequence (transformers drops the mask where the window covers every key)."""
+    windowed = 0 < shape.sliding_window <= setup.seq_len
+    return [setup.has_mask or (windowed and i < len(shape.sliding) and shape.sliding[i]) for i in range(shape.layers)]
 
 
-def _saved_per_token(shape: ModelShape, setup: Setup) -> tuple[float, float]:
+def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup, masked: bool | None = None) -> float:
+    """Bytes autograd keeps per token for one decoder layer without checkpointing (see module doc);
+    ``masked``: whether its attention has a mask (default: whether the batch is padded)."""
+    return sum(_saved_per_token(shape, setup, setup.has_mask if masked is None else masked))
+
+
+def layer_saved_fixed_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Bytes one decoder layer keeps whatever the tokens: Gemma's norms scale by (1 + w), a new fp32
+    vector each call, kept for the input's gradient."""
+    if shape.model_type not in NORM_PLUS_ONE:
+        return 0
+    return 4 * (shape.layer_norms * shape.hidden + (2 * shape.head_dim if shape.qk_norm == "head" else 0))
+
+
+def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[float, float]:
     """(the layer's saved bytes per token outside its MLP, inside its MLP: what a tile rebuilds)."""
     d = setup.act_bytes
     mask_b = 1 if setup.device == "cuda" else d  # dropout masks: bool on CUDA, the dtype on CPU
@@ -270,20 +359,23 @@ def _saved_per_token(shape: ModelShape, setup: Setup) -> tuple[float, float]:
     lin = shape.linears()
     names = setup.adapted(shape)
     full = t == "full"
+    norm_heads, normed = (shape.heads + shape.kv_heads, shape.qk_norm_widths[1]) if shape.qk_norm == "head" else (
+        (2, shape.qk_norm_widths[1]) if shape.qk_norm else (0, 0))
 
-    total = 2 * (4 * h + 4)  # two RMSNorms
-    if full:
-        total += 2 * d * h  # the normalized input kept for the norm weight's gradient
-    total += d * (q + q + kv + kv) + 4 * shape.heads  # q, out, k, v + log-sum-exp
-    if setup.has_mask:
-        total += 2 * d * (q - kv) + d * setup.seq_len  # k/v repeated to every head + the additive mask
+    total = shape.layer_norms * (4 * h + 4) + 4 * normed + 4 * norm_heads  # fp32 inputs + reciprocal RMS
+    if full:  # the normalized input kept for the norm weight's gradient
+        total += (4 if shape.model_type in NORM_WEIGHT_FP32 else d) * (shape.layer_norms * h + normed)
+    if shape.eager_attention:  # q, k and v repeated to every head; the score maps, soft-capped, softmaxed in fp32
+        total += d * 3 * q + shape.heads * setup.seq_len * (4 + (d if shape.attn_softcap else 0) + (d if d != 4 else 0))
+    else:
+        total += d * (q + q + kv + kv) + 4 * shape.heads  # q, out, k, v + log-sum-exp
+        if masked:
+            total += 2 * d * (q - kv) + d * setup.seq_len  # k/v repeated to every head + the additive mask
     mlp = 3 * d * i  # gate, silu(gate), up
 
     needs_x = full or t in ("lora", "lora-plus", "delta-lora")
     # LoRA's dropout draws its mask again in backward (adapters.branch): it keeps x, as without dropout
     dropout = setup.dropout > 0 and t in ("vera", "lora-fa")
-    groups = {"q_proj": "in1", "k_proj": "in1", "v_proj": "in1", "o_proj": "attn", "gate_proj": "in2",
-              "up_proj": "in2", "down_proj": "act"}
     kept_inputs = set()
     for n in names:
         n_in, n_out = lin[n]
@@ -291,7 +383,7 @@ def _saved_per_token(shape: ModelShape, setup: Setup) -> tuple[float, float]:
         if dropout and t != "lora-fa":
             own += mask_b * n_in + (d * n_in if needs_x else 0)
         elif needs_x:
-            kept_inputs.add(groups[n])
+            kept_inputs.add(INPUT_GROUPS[n])
         if t == "lora-fa":
             own += d * r + (mask_b * r if dropout else 0)
         elif t == "vera":  # Λd·(x·Aᵀ)'s r-wide input, and the narrower side of Λb's product
@@ -302,7 +394,10 @@ def _saved_per_token(shape: ModelShape, setup: Setup) -> tuple[float, float]:
             mlp += own
         else:
             total += own
-    sizes = {"in1": h, "in2": h, "act": i, "attn": 0}  # the attention output is kept by SDPA already
+    # SDPA keeps its output in the layout o_proj reads, unless q came out of a fused projection (its
+    # RoPE'd copy is laid out head-major, and so is the output); eager attention keeps none
+    attn_copied = shape.eager_attention or shape.fused
+    sizes = {"in1": h, "in2": h, "act": i, "attn": q if attn_copied else 0}
     total += sum(d * sizes[g] for g in kept_inputs if g in ("in1", "attn"))
     mlp += sum(d * sizes[g] for g in kept_inputs if g in ("in2", "act"))
     return total, mlp
@@ -317,23 +412,40 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     activations are gone, so the rebuild only adds what it needs beyond them."""
     d, n = setup.act_bytes, setup.tokens
     layer_input = d * shape.hidden * n
-    outside, mlp = _saved_per_token(shape, setup)
-    per_layer, tile = (outside + mlp) * n, 0.0  # per_layer: what a layer that runs once keeps
-    if setup.mlp_tiles > 1:
-        per_layer, tile = outside * n + layer_input, mlp * n / setup.mlp_tiles
-    final = (4 * shape.hidden + 4 + d * shape.hidden) * n  # final norm + the head's input
+    fixed = layer_saved_fixed_bytes(shape, setup)
+
+    def kept_by(masked: bool) -> tuple[float, float]:  # (what a layer that runs once keeps, one MLP tile's rebuild)
+        outside, mlp = _saved_per_token(shape, setup, masked)
+        if setup.mlp_tiles > 1:
+            return outside * n + layer_input + fixed, mlp * n / setup.mlp_tiles
+        return (outside + mlp) * n + fixed, 0.0
+
+    by_mask = {m: kept_by(m) for m in set(masked_layers(shape, setup))}
+    per_layer = [by_mask[m][0] for m in masked_layers(shape, setup)]
+    tile = max(t for _, t in by_mask.values())
+    final = (4 * shape.hidden + 4 + d * shape.hidden) * n + eager_mask_bytes(shape, setup)  # final norm + the head's input
     if not setup.gradient_checkpointing:
-        return int(shape.layers * per_layer + final), int(tile)
+        return int(sum(per_layer) + final), int(tile)
     plain = min(setup.plain_layers, shape.layers)
-    kept = plain * per_layer + final
+    plain_bytes = sum(per_layer[shape.layers - plain:])
+    kept = plain_bytes + final
     if plain == shape.layers:
         return int(kept), int(tile)
-    rebuilt = per_layer + tile
+    rebuilt = max(per_layer[: shape.layers - plain]) + tile
     if setup.offload:  # in host memory; in backward: the input the GPU is finishing with, the one taken back,
         rebuilt += 3 * layer_input  # the one coming (memsave.FETCHES_AHEAD)
     else:
         kept += checkpoint_inputs_bytes(shape, setup)
-    return int(kept), int(max(tile, rebuilt - plain * per_layer))
+    return int(kept), int(max(tile, rebuilt - plain_bytes))
+
+
+def eager_mask_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Eager attention adds a full (batch, 1, s, s) mask to the scores, built once per step: one for
+    the layers that attend to every key, one for the windowed ones."""
+    if not shape.eager_attention:
+        return 0
+    kinds = 1 + (any(shape.sliding) and not all(shape.sliding))
+    return kinds * setup.micro_batch * setup.seq_len**2 * setup.act_bytes
 
 
 def checkpoint_inputs_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -403,10 +515,12 @@ def loss_chunk(shape: ModelShape, setup: Setup) -> int:
 
 
 def loss_bytes(shape: ModelShape, setup: Setup) -> int:
-    """One chunk of logits (head output, its fp32 copy, log-softmax and its gradient), and the
-    gradient of the head's input that the loss fills chunk by chunk in forward (tinytune.loss)."""
+    """One chunk of logits (head output, its fp32 copy, log-softmax and its gradient; soft-capped, the
+    capped copy too), and the gradient of the head's input that the loss fills chunk by chunk in
+    forward (tinytune.loss)."""
     chunk = loss_chunk(shape, setup)
-    return chunk * shape.vocab * (setup.act_bytes + 4 + 4 + 4) + setup.tokens * shape.hidden * setup.act_bytes
+    per_logit = setup.act_bytes + 4 + 4 + 4 + (4 if shape.logit_softcap else 0)
+    return chunk * shape.vocab * per_logit + setup.tokens * shape.hidden * setup.act_bytes
 
 
 def dequant_scratch_bytes(shape: ModelShape, setup: Setup) -> int:
