@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tinytune import planner, presets
@@ -74,6 +74,7 @@ def test_lora_fa_when_activations_are_the_bottleneck():
 @given(model=st.sampled_from(presets.model_names()), gib=st.sampled_from([6, 8, 10, 12, 16, 24, 40, 80]),
        seq=st.sampled_from([256, 512, 1024, 2048, 4096, 8192]))
 def test_every_chosen_plan_fits_with_the_margin_and_more_memory_never_plans_worse(model, gib, seq):
+    assume(seq <= presets.model_shape(model).max_context)
     try:
         p = plan(model, gib, seq)
     except UserError as e:
@@ -174,19 +175,23 @@ def test_plan_bad_input(capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("technique,targets", [("lora", ("all-linear",)), ("lora", ("q_proj", "o_proj")),
-                                               ("vera", ("all-linear",)), ("vera", ("k_proj", "v_proj"))])
-def test_the_planners_largest_rank_is_the_adapters(technique, targets):
-    """A rank the planner allows is one the adapters accept, and one more is refused by both."""
+@pytest.mark.parametrize("model_type,technique,targets", [
+    ("llama", "lora", ("all-linear",)), ("llama", "lora", ("q_proj", "o_proj")), ("llama", "vera", ("all-linear",)),
+    ("llama", "vera", ("k_proj", "v_proj")), ("phi3", "lora", ("qkv_proj",)), ("phi3", "vera", ("gate_up_proj", "o_proj")),
+])
+def test_the_planners_largest_rank_is_the_adapters(model_type, technique, targets):
+    """A rank the planner allows is one the adapters accept, and one more is refused by both; Phi-3's
+    fused projections by their own names and widths."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from conftest import tiny_llama_config
     from tinytune import adapters
     from tinytune.config import TrainConfig
     from tinytune.memory.estimate import ModelShape
 
-    config = tiny_llama_config(intermediate_size=160, num_hidden_layers=1, vocab_size=64)
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=48, num_hidden_layers=1, vocab_size=64,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                                  bos_token_id=0, eos_token_id=0)
     shape = ModelShape.from_config(config, "tiny")
     limit = planner._max_rank(shape, technique, targets)
 
@@ -199,7 +204,7 @@ def test_the_planners_largest_rank_is_the_adapters(technique, targets):
 
     for rank in (limit, limit + 1):
         refusals = [
-            refusal(lambda: adapters.apply(LlamaForCausalLM(config).to(torch.float32),
+            refusal(lambda: adapters.apply(AutoModelForCausalLM.from_config(config).to(torch.float32),
                                            TrainConfig(technique=technique, rank=rank, targets=targets), 10)),
             refusal(lambda: planner.make_plan(shape, planner.Budget(GIB, "cuda", "1 GiB"), 16,
                                               planner.Fixed(technique=technique, rank=rank, targets=targets))),

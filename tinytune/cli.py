@@ -275,10 +275,10 @@ def cmd_profiles(args) -> int:
     for key in presets.gpu_names():
         g = presets.gpu(key)
         print(f"{key:<12} {g.name:<34} {g.vram_bytes / 2**30:>8g} {'yes' if g.bf16 else 'no':>5} {g.bandwidth_gbs:>6g} {g.bf16_tflops:>13g}")
-    print(f"\n{'model (plan --model)':<22} {'params':>8} {'layers':>7} {'hidden':>7} {'context':>8}")
+    print(f"\n{'model (plan --model)':<22} {'type':<12} {'params':>8} {'layers':>7} {'hidden':>7} {'context':>8}")
     for key in presets.model_names():
         shape = presets.model_shape(key)
-        print(f"{key:<22} {shape.n_params / 1e9:>7.2f}B {shape.layers:>7} {shape.hidden:>7} {shape.max_context or 0:>8}")
+        print(f"{key:<22} {shape.model_type:<12} {shape.n_params / 1e9:>7.2f}B {shape.layers:>7} {shape.hidden:>7} {shape.max_context or 0:>8}")
     return 0
 
 
