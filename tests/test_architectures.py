@@ -1,0 +1,85 @@
+"""Every architecture tinytune loads, beyond Llama: the memory switches compute transformers' own loss
+and gradients, and a 4-bit run trains and exports a model that plain transformers loads and that
+computes what the adapter model does. (The memory estimate for each is checked in test_estimate.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_export import adapter_model
+from test_memsave import _nonzero_adapters, _padded_batch
+from test_train import tiny_cfg
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from tinytune import adapters, loading, memsave, train
+from tinytune.config import TrainConfig
+from tinytune.export import export
+
+OTHERS = [t for t in loading.SUPPORTED_MODEL_TYPES if t != "llama"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer_dir):
+    """A 2-layer random model of each architecture (hidden 64), with the default model's tokenizer;
+    windowed architectures get a window (16) shorter than the test sequences."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dirs = {}
+    for model_type in OTHERS:
+        config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        if getattr(config, "sliding_window", None):
+            config.sliding_window = 16
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(model_type)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        tok.save_pretrained(path)
+        dirs[model_type] = path
+    return dirs
+
+
+def _grads(model_dir, setup) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = loading.load_model(loading.resolve_source(str(model_dir)), 4, torch.device("cpu"))
+    adapters.apply(model, TrainConfig(technique="lora", rank=4, alpha=8, dropout=0.0, bits=4))
+    _nonzero_adapters(model)
+    model.train()
+    batch = _padded_batch()
+    if setup is None:  # transformers' own loss, the whole model plain
+        loss = model(**batch).loss
+    else:
+        setup(model)
+        loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+        loss = loss_sum / n
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("model_type", OTHERS)
+def test_the_memory_switches_give_transformers_own_loss_and_gradients(model_dirs, model_type):
+    """Offloaded checkpoints, a tiled MLP and a plain last layer, with tinytune's chunked loss (Gemma
+    2's soft-capped logits included), against the model's own forward and loss."""
+    want_loss, want = _grads(model_dirs[model_type], None)
+    got_loss, got = _grads(model_dirs[model_type], lambda m: (memsave.checkpoint_layers(m, offload=True, plain_layers=1),
+                                                              memsave.tile_mlp(m, 3)))
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert got.keys() == want.keys() and got
+    for key in want:
+        assert want[key].abs().sum() > 0, key
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("model_type", OTHERS)
+def test_a_4bit_run_trains_and_exports_what_the_adapter_model_computes(model_dirs, model_type, demo_file, tmp_path):
+    run_dir = train.run(tiny_cfg(model_dirs[model_type], demo_file, tmp_path / "run", bits=4, max_steps=3, dropout=0.0,
+                                 eval_fraction=0.0), stream=open("/dev/null", "w"))
+    out = export(run_dir, tmp_path / "merged", dtype="fp32", say=lambda _s: None)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
+    base = loading.load_model(loading.resolve_source(str(model_dirs[model_type])), 4, torch.device("cpu")).eval()
+    with torch.no_grad():
+        want = adapter_model(run_dir)(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        before = base(input_ids=ids).logits
+    assert (want - before).abs().max() > 1e-3  # training moved the model
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
