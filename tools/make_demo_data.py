@@ -51,6 +51,12 @@ def make(n: int = 320, seed: int = 1234) -> list[dict]:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).resolve().parent.parent / "tinytune" / "data" / "demo.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in make()))
-    print(f"wrote {out}")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tinytune" / "data" / "demo.jsonl")
+    parser.add_argument("-n", type=int, default=320, help="records (default 320, the bundled set)")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in make(args.n, args.seed)))
+    print(f"wrote {args.out}")
