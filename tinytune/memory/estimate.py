@@ -143,14 +143,16 @@ class ModelShape:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
-    def qk_norm_widths(self) -> tuple[int, int]:
-        """(weights, normalized values per token) of one layer's q and k norms."""
+    def qk_norms(self) -> tuple[int, int, int]:
+        """One layer's q and k norms: (weights, normalized values per token, reciprocal RMS values
+        per token: one per head, or one each for all of q and all of k)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"head": (2 * self.head_dim, q + kv), "full": (q + kv, q + kv)}.get(self.qk_norm, (0, 0))
+        return {"head": (2 * self.head_dim, q + kv, self.heads + self.kv_heads),
+                "full": (q + kv, q + kv, 2)}.get(self.qk_norm, (0, 0, 0))
 
     @property
     def n_params(self) -> int:
-        norms = (self.layer_norms * self.layers + 1) * self.hidden + self.layers * self.qk_norm_widths[0]
+        norms = (self.layer_norms * self.layers + 1) * self.hidden + self.layers * self.qk_norms[0]
         bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
         return self.layers * self.linear_params_per_layer + self.embedding_params + norms + bias
 
@@ -347,7 +349,7 @@ def layer_saved_fixed_bytes(shape: ModelShape, setup: Setup) -> int:
     vector each call, kept for the input's gradient."""
     if shape.model_type not in NORM_PLUS_ONE:
         return 0
-    return 4 * (shape.layer_norms * shape.hidden + (2 * shape.head_dim if shape.qk_norm == "head" else 0))
+    return 4 * (shape.layer_norms * shape.hidden + shape.qk_norms[0])
 
 
 def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[float, float]:
@@ -359,10 +361,9 @@ def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[flo
     lin = shape.linears()
     names = setup.adapted(shape)
     full = t == "full"
-    norm_heads, normed = (shape.heads + shape.kv_heads, shape.qk_norm_widths[1]) if shape.qk_norm == "head" else (
-        (2, shape.qk_norm_widths[1]) if shape.qk_norm else (0, 0))
+    _, normed, rms = shape.qk_norms
 
-    total = shape.layer_norms * (4 * h + 4) + 4 * normed + 4 * norm_heads  # fp32 inputs + reciprocal RMS
+    total = shape.layer_norms * (4 * h + 4) + 4 * (normed + rms)  # norms: fp32 inputs + reciprocal RMS
     if full:  # the normalized input kept for the norm weight's gradient
         total += (4 if shape.model_type in NORM_WEIGHT_FP32 else d) * (shape.layer_norms * h + normed)
     if shape.eager_attention:  # q, k and v repeated to every head; the score maps, soft-capped, softmaxed in fp32
