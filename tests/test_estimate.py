@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama_config
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from tinytune import adapters, loading, presets, quant
 from tinytune.config import TrainConfig
@@ -21,8 +22,6 @@ def _config(layers: int, model_type: str = "llama"):
     shorter than the tests' 32 tokens, so that those layers' masks are exercised."""
     if model_type == "llama":
         return tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW)
-    from transformers import AutoConfig
-
     config = AutoConfig.for_model(model_type, num_hidden_layers=layers, head_dim=16, max_position_embeddings=512,
                                   bos_token_id=1, eos_token_id=2, pad_token_id=2, **SHAPE_KW)
     if getattr(config, "sliding_window", None):
@@ -31,8 +30,6 @@ def _config(layers: int, model_type: str = "llama"):
 
 
 def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dtype: torch.dtype, model_type: str = "llama"):
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(layers, model_type)).to(dtype)
     model.requires_grad_(False)
@@ -191,8 +188,6 @@ def test_presets_size_like_the_published_models():
 def test_a_preset_reads_as_transformers_reads_its_config(name):
     """A preset's shape (windowed layers from its pattern shorthand, soft-capping) equals the shape of
     the config transformers builds from the same fields, with its own defaults for the rest."""
-    from transformers import AutoConfig
-
     _, fields = presets.model_config(name)
     fields = {k: v for k, v in fields.items() if k != "sliding_window_pattern"}  # transformers' default pattern
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
