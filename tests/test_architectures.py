@@ -83,3 +83,20 @@ def test_a_4bit_run_trains_and_exports_what_the_adapter_model_computes(model_dir
         before = base(input_ids=ids).logits
     assert (want - before).abs().max() > 1e-3  # training moved the model
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", loading.SUPPORTED_MODEL_TYPES)
+def test_benchmarks_build_each_architecture_straight_into_4bit(model_dirs, model_type, tiny_model_dir):
+    """``build_random`` (the benchmarks' real shapes without weights on disk) makes a 4-bit model whose
+    buffers (RoPE frequencies, Gemma's embedding scale) are the ones transformers computes, and
+    which runs."""
+    path = tiny_model_dir if model_type == "llama" else model_dirs[model_type]
+    config = AutoConfig.from_pretrained(path)
+    model = loading.build_random(config, 4, torch.device("cpu"), torch.float32)
+    reference = AutoModelForCausalLM.from_config(config)
+    buffers = dict(model.named_buffers())
+    for name, b in reference.named_buffers():
+        torch.testing.assert_close(buffers[name], b, msg=name)
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(3, 40).view(1, -1)).logits).all()

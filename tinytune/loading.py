@@ -242,13 +242,16 @@ def build_random(config, bits: int, device: torch.device, dtype: torch.dtype | N
     exist. Benchmarks use it for real shapes without downloads.
     """
     _quiet()
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or compute_dtype(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
     config.use_cache = False
-    with torch.device("meta"), warnings.catch_warnings():
+    # parameters on the meta device; buffers (RoPE frequencies, Gemma's embedding scale) as the
+    # modules compute them, on the host, then moved
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.requires_grad_(False)
@@ -270,11 +273,8 @@ def build_random(config, bits: int, device: torch.device, dtype: torch.dtype | N
             if p.is_meta:
                 value = random(p.shape) if p.dim() > 1 else torch.ones(p.shape, device=device, dtype=dtype)
                 setattr(module, name, nn.Parameter(value, requires_grad=False))
-        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "inv_freq"):
-            with torch.device(device):
-                fresh = type(module)(config=model.config)
-            for name, b in fresh.named_buffers(recurse=False):
-                setattr(module, name, b)
+        for name, b in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = b.to(device)
     if getattr(config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.eval()

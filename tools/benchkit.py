@@ -9,7 +9,8 @@ import sys
 
 # --smoke: the model preset shrunk to this, so the code path runs on a CPU in seconds
 TINY = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # special ids inside the small vocabulary
 
 
 def run_in_fresh_process(script: str, spec: dict, echo_stderr: bool = False) -> dict:
