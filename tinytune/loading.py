@@ -237,7 +237,8 @@ def _first_line(e: BaseException) -> str:
 def build_random(config, bits: int, device: torch.device, dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
     """A random-init model of ``config`` built straight at ``bits`` on ``device``, layer by layer.
 
-    The skeleton is made on the meta device; each decoder linear gets a random weight on the device
+    The skeleton's parameters are made on the meta device (its buffers as the modules compute them);
+    each decoder linear gets a random weight on the device
     (one at a time, then quantized), so neither a 16-bit copy of the model nor weights on disk
     exist. Benchmarks use it for real shapes without downloads.
     """
