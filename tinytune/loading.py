@@ -238,9 +238,9 @@ def build_random(config, bits: int, device: torch.device, dtype: torch.dtype | N
     """A random-init model of ``config`` built straight at ``bits`` on ``device``, layer by layer.
 
     The skeleton's parameters are made on the meta device (its buffers as the modules compute them);
-    each decoder linear gets a random weight on the device
-    (one at a time, then quantized), so neither a 16-bit copy of the model nor weights on disk
-    exist. Benchmarks use it for real shapes without downloads.
+    each decoder linear gets a random weight on the device (one at a time, then quantized), so
+    neither a 16-bit copy of the model nor weights on disk exist. Benchmarks use it for real shapes
+    without downloads.
     """
     _quiet()
     from accelerate import init_empty_weights
