@@ -160,8 +160,8 @@ def save(run_dir: Path, step: int, model, optimizer, schedule, scaler, device: t
         tmp = None
         _fsync_dir(root)
     except OSError as e:
-        raise UserError(f"{root}: cannot write checkpoint step {step} ({e.strerror or e}); free space or fix the "
-                        f"directory's permissions, then resume with: tinytune --resume {run_dir}") from None
+        raise rundir.write_failed(root, e, f"resume with: tinytune --resume {run_dir}",
+                                  what=f"checkpoint step {step}") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

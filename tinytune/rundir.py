@@ -247,15 +247,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); it may be corrupt") from None
 
 
-def write_failed(path: Path, e: OSError, then: str | None = None) -> UserError:
+def write_failed(path: Path, e: OSError, then: str | None = None, what: str = "") -> UserError:
     """One line for a write into a run directory that failed (a full disk, permissions taken away).
-    ``then``: what to do after making room; by default resume from the newest checkpoint, if any."""
+    ``then``: what to do after making room; by default resume from the newest checkpoint, if any.
+    ``what``: what could not be written, where the path does not say it."""
     run_dir = path.parent
     if then is None:
         has_checkpoint = any((run_dir / "checkpoints").glob("step-*"))
         then = f"resume with: tinytune --resume {run_dir}" if has_checkpoint else "start the run again with --overwrite"
-    return UserError(f"{path}: cannot write ({e.strerror or e}); free space or fix the directory's permissions, "
-                     f"then {then}")
+    return UserError(f"{path}: cannot write{f' {what}' if what else ''} ({e.strerror or e}); free space or fix the "
+                     f"directory's permissions, then {then}")
 
 
 class MetricsWriter:
