@@ -62,7 +62,7 @@ def forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) -
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
     with autocast_for(device, dtype):
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                     position_ids=batch.get("position_ids")).last_hidden_state
+                                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
         softcap = getattr(model.config, "final_logit_softcapping", None)
         return causal_lm_loss_sum(model.get_output_embeddings(), hidden, labels, softcap=softcap)
 

@@ -29,8 +29,9 @@ What other architectures add to a Llama layer:
 - Gemma 2 has no SDPA path in transformers: eager attention keeps q, k and v repeated to every head
   and heads × s score maps per token (the soft-capped scores in the compute dtype, the fp32
   softmax and, in 16 bits, its cast), and builds a full (batch, 1, s, s) mask per step;
-- Phi-3 fuses q/k/v and gate/up into one projection each; its RoPE'd q is laid out head-major, so
-  SDPA's output is too and o_proj's input is a copy of its own;
+- Phi-3 fuses q/k/v and gate/up into one projection each; v is a view of the fused output, so what
+  SDPA keeps of v holds all of it (unless a mask has v repeated to every head); its RoPE'd q is laid
+  out head-major, so SDPA's output is too and o_proj's input is a copy of its own;
 - a windowed layer (Mistral, Gemma, Phi-3) has a mask once the sequence reaches its window.
 
 With gradient checkpointing only each layer's input (d·h per token) is kept for the whole model;
@@ -372,6 +373,8 @@ def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[flo
         total += d * (q + q + kv + kv) + 4 * shape.heads  # q, out, k, v + log-sum-exp
         if masked:
             total += 2 * d * (q - kv) + d * setup.seq_len  # k/v repeated to every head + the additive mask
+        if shape.fused and not (masked and q > kv):  # v, a view of the fused projection's output, keeps all of it
+            total += d * (q + kv)
     mlp = 3 * d * i  # gate, silu(gate), up
 
     needs_x = full or t in ("lora", "lora-plus", "delta-lora")
