@@ -45,10 +45,11 @@ def _grads(model_dir, setup) -> tuple[float, dict[str, torch.Tensor]]:
     _nonzero_adapters(model)
     model.train()
     batch = _padded_batch()
-    if setup is None:  # transformers' own loss, the whole model plain
+    if setup is None:  # transformers' own loss with the padding mask, the whole model plain
         loss = model(**batch).loss
-    else:
+    else:  # the trainer's batch: right-padded, no mask (data.collate)
         setup(model)
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
         loss = loss_sum / n
     loss.backward()
@@ -58,7 +59,8 @@ def _grads(model_dir, setup) -> tuple[float, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("model_type", OTHERS)
 def test_the_memory_switches_give_transformers_own_loss_and_gradients(model_dirs, model_type):
     """Offloaded checkpoints, a tiled MLP and a plain last layer, with tinytune's chunked loss (Gemma
-    2's soft-capped logits included), against the model's own forward and loss."""
+    2's soft-capped logits included) on a right-padded batch without its mask, against the model's own
+    forward and loss with the mask."""
     want_loss, want = _grads(model_dirs[model_type], None)
     got_loss, got = _grads(model_dirs[model_type], lambda m: (memsave.checkpoint_layers(m, offload=True, plain_layers=1),
                                                               memsave.tile_mlp(m, 3)))

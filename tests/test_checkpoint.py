@@ -239,8 +239,8 @@ class Recorder:
                 injected = self.fail(self, batch)
                 if injected is not None:
                     return injected
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-                self.current.append(tuple(ids[mask.bool()].tolist()))
+            for ids, labels in zip(batch["input_ids"], batch["labels"]):  # up to its last trained token: no padding
+                self.current.append(tuple(ids[: int((labels != -100).nonzero().max()) + 1].tolist()))
             return real(model, batch, device, dtype)
         return wrapped
 

@@ -95,10 +95,12 @@ def test_examples_keep_4_bytes_a_token(tmp_path, tok, demo_rows):
     assert all(e.labels is e.input_ids for e in text) and not any(e.labels is e.input_ids for e in chat)
 
 
-def test_collate_pads_right_and_masks(tok):
+def test_collate_pads_right_and_ignores_the_pads_labels(tok):
+    """No attention mask: attention is causal, so no real token sees the pads after it
+    (test_train checks the loss and gradients against the masked batch's)."""
     batch = data.collate([data.Example([5, 6, 7], [-100, 6, 7]), data.Example([8], [8])], pad_id=2)
+    assert batch.keys() == {"input_ids", "labels"}
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
 
 

@@ -40,17 +40,17 @@ def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dt
     return model
 
 
-def _saved(model, batch: int, seq: int, padded: bool) -> int:
-    """Without a KV cache, as the trainer runs (a cache would copy k and v: Phi-3's v is otherwise a
-    view of its fused projection's output)."""
+def _saved(model, batch: int, seq: int, packed: bool) -> int:
+    """What a training step saves, on batches as ``data.collate`` makes them: no attention mask (a
+    right-padded batch saves what a full one does), or packed rows' position ids (two examples each).
+    Without a KV cache, as the trainer runs (a cache would copy k and v: Phi-3's v is otherwise a view
+    of its fused projection's output; with one, transformers would not mask packed rows either)."""
     model.train()
     ids = torch.randint(0, 256, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if padded:
-        mask[-1, seq // 2:] = 0
+    positions = (torch.arange(seq) % (seq // 2)).expand_as(ids) if packed else None
 
     def run():
-        hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = model.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
         loss.backward()
 
@@ -68,9 +68,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("technique,bits,dropout,dtype", CASES, ids=[f"{c[0]}-{c[1]}bit-p{c[2]}-{str(c[3])[6:]}" for c in CASES])
-def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, padded, model_type):
+def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, packed, model_type):
     """One decoder layer's saved tensors, as autograd reports them, equal the formula byte for byte,
     for every architecture tinytune loads (extra norms, q/k norms, eager soft-capped attention,
     fused projections, windowed layers: the window is shorter than the sequence).
@@ -80,13 +80,13 @@ def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, p
     LoRA's dropout keeps an 8-byte seed per branch instead of its mask.
     """
     rank, batch, seq = 8, 2, 32
-    per_two = _saved(_model(4, bits, technique, rank, dropout, dtype, model_type), batch, seq, padded) - _saved(
-        _model(2, bits, technique, rank, dropout, dtype, model_type), batch, seq, padded)
+    per_two = _saved(_model(4, bits, technique, rank, dropout, dtype, model_type), batch, seq, packed) - _saved(
+        _model(2, bits, technique, rank, dropout, dtype, model_type), batch, seq, packed)
     shape = E.ModelShape.from_config(_config(4, model_type))
     # "cpu" counts fp32 activations; the bf16 cases use the CUDA activation size with CPU dropout masks.
     d = 2 if dtype == torch.bfloat16 else 4
     setup = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
-                    device="cuda" if d == 2 else "cpu", padded=padded, gradient_checkpointing=False)
+                    device="cuda" if d == 2 else "cpu", packed=packed, gradient_checkpointing=False)
     masked = E.masked_layers(shape, setup)[2:]  # the two layers the difference isolates
     per_token = sum(E.layer_saved_bytes_per_token(shape, setup, m) for m in masked)
     if d == 2 and dropout and technique in ("vera", "lora-fa"):  # dropout masks stay in the dtype on a CPU
@@ -255,7 +255,7 @@ def _step_peak(layers: int, technique: str, dtype: torch.dtype, prepare) -> int:
     ids = torch.randint(0, 256, (2, 32))
 
     def run():
-        hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        hidden = model.model(input_ids=ids).last_hidden_state
         loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
         loss.backward()
 
@@ -265,7 +265,7 @@ def _step_peak(layers: int, technique: str, dtype: torch.dtype, prepare) -> int:
 def _predicted_kept(layers: int, technique: str, **setup_kw) -> int:
     """What the estimator says that model keeps for the whole step: activations and adapter copies."""
     shape = E.ModelShape.from_config(tiny_llama_config(num_hidden_layers=layers, **SHAPE_KW))
-    setup = E.Setup(technique=technique, rank=8, bits=16, micro_batch=2, seq_len=32, padded=False, dropout=0.0,
+    setup = E.Setup(technique=technique, rank=8, bits=16, micro_batch=2, seq_len=32, dropout=0.0,
                     **setup_kw)
     return E.activation_bytes(shape, setup)[0] + E.adapter_cast_bytes(shape, setup, *E.adapter_params(shape, setup)[:2])
 

@@ -135,3 +135,38 @@ def test_a_larger_gpu_acts_as_the_card_of_the_budget_and_a_smaller_one_warns(mon
                     "it runs out of memory as that card would",
                     "warning: --vram 12GB is more than this GPU's 8.00 GiB; a plan that needs more runs out of "
                     "memory (the run then re-plans smaller)"]
+
+
+def test_a_right_padded_micro_batch_needs_no_attention_mask(tiny_model_dir):
+    """The trainer's batches (data.collate) carry no mask: attention is causal, so no real token sees
+    the pads after it, and their labels are ignored. Loss and LoRA gradients equal the model's own
+    with the padding mask (what the layers save without it: test_estimate)."""
+    from test_memsave import _nonzero_adapters
+
+    from tinytune import adapters, data, loading
+
+    gen = torch.Generator().manual_seed(0)
+    examples = [data.Example(ids, ids) for ids in (torch.randint(3, 2000, (n,), generator=gen).tolist() for n in (40, 17, 29))]
+    batch = data.collate(examples, pad_id=2)
+    mask = (torch.arange(40) < torch.tensor([[40], [17], [29]])).long()
+
+    def grads(masked: bool):
+        torch.manual_seed(0)
+        model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 4, torch.device("cpu"))
+        adapters.apply(model, TrainConfig(rank=4, alpha=8, dropout=0.0, bits=4))
+        _nonzero_adapters(model)
+        model.train()
+        if masked:
+            loss = model(**batch, attention_mask=mask).loss
+        else:
+            loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+            loss = loss_sum / n
+        loss.backward()
+        return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    want_loss, want = grads(masked=True)
+    got_loss, got = grads(masked=False)
+    assert "attention_mask" not in batch and got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)

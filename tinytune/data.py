@@ -501,23 +501,27 @@ def pack(examples: list[Example], seq_len: int, seed: int) -> list[Example]:
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest example. Packed rows carry position ids instead of an
-    attention mask (padding then reads as one more example, and its labels are ignored)."""
+    """Right-pad a micro-batch to its longest example, with no attention mask: attention is causal, so
+    a real token never sees the pads after it, and a pad's label is ignored. The loss and gradients
+    are those of the masked batch; without a mask transformers lets SDPA attend causally (its flash
+    kernel on CUDA), where a padding mask would make it expand k and v to every head and keep the
+    mask as an additive bias, batch × s² values per layer. Packed rows carry position ids, from which
+    transformers masks attention across their examples (padding then reads as one more example)."""
     packed = batch[0].position_ids is not None
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    extra = torch.zeros((len(batch), width), dtype=torch.long)  # position ids, or the attention mask
+    out = {"input_ids": ids, "labels": labels}
+    if packed:
+        out["position_ids"] = positions = torch.zeros((len(batch), width), dtype=torch.long)
     for row, e in enumerate(batch):
         n = len(e.input_ids)
         ids[row, :n] = torch.frombuffer(e.input_ids, dtype=torch.int32)
         labels[row, :n] = torch.frombuffer(e.labels, dtype=torch.int32)
         if packed:
-            extra[row, :n] = torch.frombuffer(e.position_ids, dtype=torch.int32)
-            extra[row, n:] = torch.arange(width - n)
-        else:
-            extra[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "position_ids" if packed else "attention_mask": extra}
+            positions[row, :n] = torch.frombuffer(e.position_ids, dtype=torch.int32)
+            positions[row, n:] = torch.arange(width - n)
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

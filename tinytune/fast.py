@@ -29,12 +29,13 @@ Only training runs compiled code: in eval mode (evaluation, the sample) a layer 
 forward. Those calls come without grad, without a mask or with a KV cache, each a graph of its own;
 compiled too, a short CPU run with a sample made 8 graphs of the layer forward, the compiler's
 recompile limit, past which any new case (such as a training step's) runs eager without a word.
-Training alone makes more than 8 where its micro-batches differ: with and without grad (reentrant
-checkpointing runs the first forward without it), with an attention mask and without one (a
-micro-batch without padding attends causally, unmasked), at the first shape, then with lengths made
-dynamic, then the batch size (a batch of one is a case of its own): 14 graphs for a run whose
-micro-batches of 2 and 4 are sometimes padded and one is a single example. ``compile_layers``
-raises the limit to ``RECOMPILE_LIMIT``; each graph costs compile time once.
+Training can make more than 8 where its micro-batches differ: with and without grad (reentrant
+checkpointing runs the first forward without it), at the first shape, then with lengths made
+dynamic, then the batch size (a batch of one is a case of its own), and with an attention mask and
+without one where rows are packed (right-padded batches carry none: ``data.collate``). A run whose
+micro-batches of 2 and 4 are sometimes padded and one is a single example makes 8 (14 when padded
+batches carried a mask). ``compile_layers`` raises the limit to ``RECOMPILE_LIMIT``; each graph
+costs compile time once.
 
 A 4-bit layer inside a compiled layer runs as tensor operations (``quant.traceable_4bit``), not
 through bitsandbytes' registered operators: its dequantization becomes one generated kernel, with no

@@ -73,8 +73,8 @@ class Fixed:
     targets: tuple[str, ...] = ("all-linear",)
     offload: bool = False
     mlp_tiles: int = 1
-    padded: bool | None = None
-    """Batches carry an attention mask (packed rows always do); None = when micro-batch > 1."""
+    packed: bool = False
+    """Rows packed with several examples, whose attention is masked between them (Setup.packed)."""
 
     def named(self) -> str:
         flags = [f"--technique {self.technique}" if self.technique else "", f"--rank {self.rank}" if self.rank else "",
@@ -159,7 +159,7 @@ def _candidate(shape: ModelShape, budget: Budget, fixed: Fixed, seq_len: int, te
     setup = Setup(technique=technique, rank=rank, bits=bits, micro_batch=micro_batch, seq_len=seq_len,
                   gradient_checkpointing=checkpointing, optim=fixed.optim, dropout=fixed.dropout,
                   targets=fixed.targets, device=budget.device, offload=fixed.offload and checkpointing,
-                  mlp_tiles=fixed.mlp_tiles, padded=fixed.padded, plain_layers=plain if checkpointing else 0)
+                  mlp_tiles=fixed.mlp_tiles, packed=fixed.packed, plain_layers=plain if checkpointing else 0)
     est = estimate(shape, setup)
     if scale != 1.0:  # a calibration run measured activations differently from the formulas
         for key in ("activations", "backward working set"):
@@ -351,7 +351,7 @@ def fixed_from_config(cfg, explicit: set[str]) -> Fixed:
                  grad_accum=pick("grad_accum"), gradient_checkpointing=True if plain and checkpointing is None else checkpointing,
                  plain_layers=plain,
                  optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets,
-                 offload=cfg.offload_checkpoints, mlp_tiles=cfg.mlp_tiles, padded=True if cfg.pack else None)
+                 offload=cfg.offload_checkpoints, mlp_tiles=cfg.mlp_tiles, packed=cfg.pack)
 
 
 def apply(plan: Plan, cfg, pinned: set[str]) -> None:
@@ -377,8 +377,7 @@ def estimate_for(shape: ModelShape, cfg, device: str, seq_len: int | None = None
                                  seq_len=seq_len or cfg.seq_len, gradient_checkpointing=cfg.gradient_checkpointing,
                                  optim=cfg.optim, dropout=cfg.dropout, targets=cfg.targets, device=device,
                                  offload=cfg.offload_checkpoints and cfg.gradient_checkpointing, mlp_tiles=cfg.mlp_tiles,
-                                 plain_layers=cfg.plain_layers,
-                                 padded=True if cfg.pack else None))
+                                 plain_layers=cfg.plain_layers, packed=cfg.pack))
 
 
 def dynamic_bytes(est: Estimate) -> int:

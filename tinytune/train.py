@@ -174,7 +174,9 @@ def calibrate(model, shape, plan, cfg: TrainConfig, pinned: set[str], device, dt
     """
     short = min(cfg.seq_len, 256)
     ids = torch.randint(0, shape.vocab, (cfg.micro_batch, short), device=device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"input_ids": ids, "labels": ids}
+    if cfg.pack:  # rows of two examples, whose attention transformers masks between them, as in training
+        batch["position_ids"] = (torch.arange(short, device=device) % -(-short // 2)).expand_as(ids)
     if cfg.gradient_checkpointing:
         memsave.checkpoint_layers(model, plain_layers=cfg.plain_layers)
     model.train()

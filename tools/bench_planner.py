@@ -75,9 +75,8 @@ def run_one(spec: dict) -> dict:
         spec = {**spec, "rank": min(spec["rank"], 64 if spec["technique"] == "vera" else 8)}
     config = AutoConfig.for_model(**cfg_dict)
     shape = ModelShape.from_config(cfg_dict, name)
-    padded = spec["micro_batch"] > 1
     setup = Setup(technique=spec["technique"], rank=spec["rank"], bits=spec["bits"], micro_batch=spec["micro_batch"],
-                  seq_len=spec["seq_len"], gradient_checkpointing=spec["ckpt"], device=device.type, padded=padded,
+                  seq_len=spec["seq_len"], gradient_checkpointing=spec["ckpt"], device=device.type,
                   offload=spec.get("offload", False), mlp_tiles=spec.get("mlp_tiles", 1), plain_layers=spec.get("plain", 0))
     est = estimate(shape, setup)
     out = {**spec, "predicted_gib": round(est.allocator_peak / GIB, 3), "needed_gib": round(est.needed / GIB, 3)}
@@ -96,10 +95,10 @@ def run_one(spec: dict) -> dict:
         model.train()
         optimizer = optim.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
         ids = torch.randint(0, shape.vocab, (tc.micro_batch, tc.seq_len))
-        mask = torch.ones_like(ids)
-        if padded:
-            mask[-1, tc.seq_len // 2:] = 0
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        labels = ids.clone()
+        if tc.micro_batch > 1:  # the last row half padding, as the trainer's batches are: no mask, labels ignored
+            labels[-1, tc.seq_len // 2:] = -100
+        batch = {"input_ids": ids, "labels": labels}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for _ in range(spec.get("steps", 2)):

@@ -39,7 +39,8 @@ def saved_bytes_per_token(cfg: TrainConfig, device: torch.device) -> float:
     model = loading.load_model(source, cfg.bits, device)
     adapters.apply(model, cfg, cfg.max_steps or 0)
     model.train()
-    batch = data.collate(ds.train[: cfg.micro_batch], tok.pad_token_id)
+    examples = ds.train[: cfg.micro_batch]
+    batch = data.collate(examples, tok.pad_token_id)
     dtype = loading.compute_dtype(device)
 
     def step():
@@ -47,7 +48,7 @@ def saved_bytes_per_token(cfg: TrainConfig, device: torch.device) -> float:
         (loss / n).backward()
 
     saved = probe.saved_activation_bytes(model, step)
-    return saved / int(batch["attention_mask"].sum())
+    return saved / sum(len(e.input_ids) for e in examples)  # per real token (not padding)
 
 
 def main() -> None:

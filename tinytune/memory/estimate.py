@@ -4,14 +4,16 @@ Every figure is bytes, and every component is a separate function of a ``ModelSh
 ``Setup`` so a plan can show where its memory goes. What autograd keeps per decoder layer was
 derived op by op from the transformers layers and checked against ``saved_tensors_hooks`` on real
 (tiny) models of every supported architecture, for every technique, 4/8/16-bit bases, fp32 and
-bf16, with and without dropout and padding: tests/test_estimate.py holds those checks.
+bf16, with and without dropout and packing: tests/test_estimate.py holds those checks.
 
 Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32):
 
 - each RMSNorm keeps its fp32 input and the reciprocal RMS: 4h + 4 (×2 norms);
 - attention keeps RoPE'd q and k, v and the output for SDPA (flash / memory-efficient, never an s×s
-  matrix) plus fp32 log-sum-exp per head; with a padding mask transformers expands k/v to every
-  head and SDPA keeps the mask as an additive bias (s values per token);
+  matrix) plus fp32 log-sum-exp per head; with a mask (packed rows: one per example) transformers
+  expands k/v to every head and SDPA keeps the mask as an additive bias (s values per token). A
+  right-padded batch carries no mask (``data.collate``): causal attention already keeps real tokens
+  from the pads after them;
 - the MLP keeps gate, silu(gate) and up (3 × d·i);
 - a linear layer whose input a trainable matrix multiplies (LoRA's A, a full weight) keeps its
   input (once per distinct input; LoRA's dropout draws its mask again in backward, so it keeps no
@@ -184,8 +186,9 @@ class Setup:
     dropout: float = 0.05
     targets: tuple[str, ...] = ("all-linear",)
     device: str = "cuda"
-    padded: bool | None = None
-    """Whether batches carry a padding mask; None = whenever micro_batch > 1."""
+    packed: bool = False
+    """Rows packed with several examples: transformers masks attention between them, so every layer
+    has a mask (right-padded batches have none: ``data.collate``)."""
     loss_chunk: int | None = None
     """Tokens per chunk of the loss: None = ``loss_chunk_tokens`` of the vocabulary, 0 = all at once."""
     offload: bool = False
@@ -202,10 +205,6 @@ class Setup:
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_len
-
-    @property
-    def has_mask(self) -> bool:
-        return self.micro_batch > 1 if self.padded is None else self.padded
 
     def adapted(self, shape: ModelShape) -> list[str]:
         names = list(shape.linears())
@@ -333,16 +332,16 @@ NORM_WEIGHT_FP32 = (*NORM_PLUS_ONE, "olmo2")  # norms that multiply by their wei
 
 
 def masked_layers(shape: ModelShape, setup: Setup) -> list[bool]:
-    """Per decoder layer, whether its attention gets a mask: a padded batch, or a window shorter than
-    the sequence (transformers drops the mask where the window covers every key)."""
+    """Per decoder layer, whether its attention gets a mask: packed rows, or a window shorter than the
+    sequence (transformers drops the mask where the window covers every key)."""
     windowed = 0 < shape.sliding_window <= setup.seq_len
-    return [setup.has_mask or (windowed and i < len(shape.sliding) and shape.sliding[i]) for i in range(shape.layers)]
+    return [setup.packed or (windowed and i < len(shape.sliding) and shape.sliding[i]) for i in range(shape.layers)]
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup, masked: bool | None = None) -> float:
     """Bytes autograd keeps per token for one decoder layer without checkpointing (see module doc);
-    ``masked``: whether its attention has a mask (default: whether the batch is padded)."""
-    return sum(_saved_per_token(shape, setup, setup.has_mask if masked is None else masked))
+    ``masked``: whether its attention has a mask (default: whether the rows are packed)."""
+    return sum(_saved_per_token(shape, setup, setup.packed if masked is None else masked))
 
 
 def layer_saved_fixed_bytes(shape: ModelShape, setup: Setup) -> int:
