@@ -253,8 +253,9 @@ def write_failed(path: Path, e: OSError, then: str | None = None, what: str = ""
     ``what``: what could not be written, where the path does not say it."""
     run_dir = path.parent
     if then is None:
-        has_checkpoint = any((run_dir / "checkpoints").glob("step-*"))
-        then = f"resume with: tinytune --resume {run_dir}" if has_checkpoint else "start the run again with --overwrite"
+        from tinytune import checkpoint  # which imports this module
+
+        then = f"resume with: tinytune --resume {run_dir}" if checkpoint.complete(run_dir) else "start the run again with --overwrite"
     return UserError(f"{path}: cannot write{f' {what}' if what else ''} ({e.strerror or e}); free space or fix the "
                      f"directory's permissions, then {then}")
 
