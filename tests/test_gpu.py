@@ -65,7 +65,7 @@ def lora_grads(tiny_model_dir, setup, dropout: float = 0.0) -> dict[str, torch.T
     setup(model)
     model.train()
     ids = torch.randint(3, 2000, (2, 96), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"input_ids": ids, "labels": ids}
     loss_sum, n = train.forward_loss(model, batch, CUDA, torch.bfloat16)
     (loss_sum / n).backward()
     return {name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad}
@@ -105,7 +105,7 @@ def test_offloading_many_layers_waits_for_old_copies_and_keeps_the_gradients(mon
     outstanding = _queue_lengths(monkeypatch, "pack", "copying")
     handed = _queue_lengths(monkeypatch, "unpack", "handed")
     ids = torch.randint(0, 1000, (1, 4096), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"input_ids": ids, "labels": ids}
     grads = []
     for setup in (memsave.enable_checkpointing, memsave.offload_checkpoints):
         model = loading.build_random(config, 4, CUDA, torch.bfloat16)

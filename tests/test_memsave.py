@@ -516,7 +516,7 @@ def tensors_on_autograd_contexts(model, ids) -> int:
     """Tensors that custom autograd functions keep as attributes of their context (invisible to
     saved-tensor hooks, so out of checkpointing's reach), between forward and backward. The loss's
     own node is left out: it keeps the gradient of its input by design (tinytune.loss)."""
-    loss_sum, n = train.forward_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
+    loss_sum, n = train.forward_loss(model, {"input_ids": ids, "labels": ids},
                                      torch.device("cpu"), torch.float32)
     seen, todo, kept = set(), [loss_sum.grad_fn], 0
     while todo:

@@ -93,7 +93,7 @@ def build(stack: str, model: str, seq: int, smoke: bool, cap_gib: float, plain_l
             fast.compile_layers(net, traced_4bit=traced_4bit)
         net.train()
         optimizer = optim.make_optimizer("paged-adamw-8bit", adapters.param_groups(net, cfg), 2e-4, 0.0, flat=flat)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        batch = {"input_ids": ids, "labels": ids}
 
         def step() -> int:
             train_step(net, optimizer, batch, device, dtype)

@@ -106,7 +106,7 @@ def main() -> int:
     model.train()
     optimizer = optim.make_optimizer(tc.optim, adapters.param_groups(model, tc), tc.lr, 0.0)
     ids = torch.randint(0, shape.vocab, (1, args.seq))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"input_ids": ids, "labels": ids}
 
     step = functools.partial(train_step, model, optimizer, batch, device, dtype)
     step()
