@@ -269,3 +269,18 @@ def test_profiles_lists_gpus_and_models(capsys):
     out = capsys.readouterr().out
     assert "rtx4070" in out and "NVIDIA GeForce RTX 4070 12GB" in out and "h100-80gb" in out
     assert "llama-3.1-8b" in out and "8.03B" in out
+
+
+def test_the_readmes_plan_examples_are_what_tinytune_plan_prints(capsys):
+    """Every `$ tinytune plan …` example in README.md shown in full is the command's output now (the
+    estimate moves with what it learns; an example that no longer matches is to be printed again)."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    examples = re.findall(r"```\n\$ (tinytune plan [^\n]*)\n(.*?)```", readme, re.S)
+    shown_in_full = [(command, shown) for command, shown in examples if "..." not in shown]
+    assert len(shown_in_full) >= 2
+    for command, shown in shown_in_full:
+        main(shlex.split(command)[1:])
+        printed = capsys.readouterr()
+        assert (printed.out + printed.err).strip() == shown.strip(), command
