@@ -11,7 +11,7 @@ from test_memsave import _nonzero_adapters, _padded_batch
 from test_train import tiny_cfg
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tinytune import adapters, loading, memsave, train
+from tinytune import adapters, attention, loading, memsave, train
 from tinytune.config import TrainConfig
 from tinytune.export import export
 
@@ -45,7 +45,9 @@ def _grads(model_dir, setup) -> tuple[float, dict[str, torch.Tensor]]:
     _nonzero_adapters(model)
     model.train()
     batch = _padded_batch()
-    if setup is None:  # transformers' own loss with the padding mask, the whole model plain
+    if setup is None:  # transformers' own loss with the padding mask, the whole model plain, its own attention
+        if model.config._attn_implementation == attention.NAME:
+            model.set_attn_implementation("eager")
         loss = model(**batch).loss
     else:  # the trainer's batch: right-padded, no mask (data.collate)
         setup(model)
@@ -57,10 +59,11 @@ def _grads(model_dir, setup) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("model_type", OTHERS)
-def test_the_memory_switches_give_transformers_own_loss_and_gradients(model_dirs, model_type):
+def test_the_memory_switches_give_transformers_own_loss_and_gradients(model_dirs, model_type, monkeypatch):
     """Offloaded checkpoints, a tiled MLP and a plain last layer, with tinytune's chunked loss (Gemma
-    2's soft-capped logits included) on a right-padded batch without its mask, against the model's own
-    forward and loss with the mask."""
+    2's soft-capped logits included; its attention in tiles of 16 queries, windowed layers of 16) on
+    a right-padded batch without its mask, against the model's own forward and loss with the mask."""
+    monkeypatch.setattr(attention, "TILE_TOKENS", 16)
     want_loss, want = _grads(model_dirs[model_type], None)
     got_loss, got = _grads(model_dirs[model_type], lambda m: (memsave.checkpoint_layers(m, offload=True, plain_layers=1),
                                                               memsave.tile_mlp(m, 3)))
@@ -102,3 +105,23 @@ def test_benchmarks_build_each_architecture_straight_into_4bit(model_dirs, model
     assert not any(p.is_meta for p in model.parameters())
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(3, 40).view(1, -1)).logits).all()
+
+
+def test_gemma2_runs_tiled_attention_that_computes_and_generates_as_eager(model_dirs, monkeypatch):
+    """Loading gives Gemma 2 query-tiled attention (tinytune.attention); in tiles of 16 queries over
+    48 tokens, with windowed layers of 16 and packed rows, its logits equal eager attention's, and
+    greedy generation with a KV cache gives the same tokens."""
+    monkeypatch.setattr(attention, "TILE_TOKENS", 16)
+    source = loading.resolve_source(str(model_dirs["gemma2"]))
+    tiled, eager = (loading.load_model(source, 16, torch.device("cpu")) for _ in range(2))
+    eager.set_attn_implementation("eager")
+    assert tiled.config._attn_implementation == attention.NAME
+    ids = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(0))
+    packed = torch.cat([torch.arange(20), torch.arange(28)]).expand(2, -1)
+    with torch.no_grad():
+        for positions in (None, packed):
+            torch.testing.assert_close(tiled(input_ids=ids, position_ids=positions).logits,
+                                       eager(input_ids=ids, position_ids=positions).logits, rtol=1e-5, atol=1e-5)
+    runs = [m.generate(ids[:1, :20], max_new_tokens=30, min_new_tokens=30, do_sample=False, use_cache=True, pad_token_id=0)
+            for m in (tiled, eager)]
+    assert torch.equal(runs[0], runs[1])

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tinytune import adapters, loading, presets, quant
+from tinytune import adapters, attention, loading, presets, quant
 from tinytune.config import TrainConfig
 from tinytune.loss import causal_lm_loss_sum
 from tinytune.memory import estimate as E
@@ -36,6 +36,7 @@ def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dt
     if bits != 16:
         for layer in model.model.layers:
             loading.replace_linears(layer, lambda linear: quant.quantize_linear(linear, bits, torch.device("cpu"), dtype))
+    attention.tile_attention(model)  # as loading does (Gemma 2)
     adapters.apply(model, TrainConfig(technique=technique, rank=rank, alpha=2 * rank, dropout=dropout, bits=bits), 100)
     return model
 
@@ -44,17 +45,20 @@ def _saved(model, batch: int, seq: int, packed: bool) -> int:
     """What a training step saves, on batches as ``data.collate`` makes them: no attention mask (a
     right-padded batch saves what a full one does), or packed rows' position ids (two examples each).
     Without a KV cache, as the trainer runs (a cache would copy k and v: Phi-3's v is otherwise a view
-    of its fused projection's output; with one, transformers would not mask packed rows either)."""
+    of its fused projection's output; with one, transformers would not mask packed rows either).
+    Counted in forward: what backward saves again (Gemma 2's attention tiles rebuilt) is not kept."""
     model.train()
     ids = torch.randint(0, 256, (batch, seq))
     positions = (torch.arange(seq) % (seq // 2)).expand_as(ids) if packed else None
+    losses = []
 
-    def run():
+    def forward():
         hidden = model.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-        loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
-        loss.backward()
+        losses.append(causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)[0])
 
-    return saved_activation_bytes(model, run)
+    saved = saved_activation_bytes(model, forward)
+    losses[0].backward()
+    return saved
 
 
 CASES = [
@@ -313,3 +317,35 @@ def test_a_budget_below_the_card_caps_the_allocator_less_the_cuda_context():
     assert cap_fraction(12 * GIB, card) == (12 * GIB - CUDA_CONTEXT_BYTES) / card  # as the benchmarks capped
     assert cap_fraction(80 * GIB, card) is None and cap_fraction(96 * GIB, card) is None  # the whole card: no cap
     assert cap_fraction(CUDA_CONTEXT_BYTES // 2, card) == 0.0
+
+
+@pytest.mark.parametrize("dtype,softcap,masked", [(torch.float32, 50.0, False), (torch.bfloat16, 50.0, False),
+                                                  (torch.bfloat16, None, True), (torch.float32, 50.0, True)])
+def test_one_attention_tile_rebuilds_what_the_estimate_says(dtype, softcap, masked):
+    """Gemma 2's tiled attention: what backward saves while it rebuilds a tile (the whole sequence in
+    one tile here) equals ``attention_tile_bytes`` byte for byte, beyond the q, k and v it was given."""
+    from types import SimpleNamespace
+
+    b, heads, kv, s, dh = 2, 4, 2, 32, 16
+    gen = torch.Generator().manual_seed(0)
+    # laid out as transformers' RoPE leaves them: (b, s, heads, d) in memory, seen as (b, heads, s, d)
+    query, key, value = (torch.randn(b, s, n, dh, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
+                         for n in (heads, kv, kv))
+    mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None].expand(b, 1, s, s) if masked else None
+    module = SimpleNamespace(head_dim=dh, training=True)
+    out, _ = attention.tiled_attention(module, query, key, value, mask, scaling=dh**-0.5, softcap=softcap)
+    given = {t.untyped_storage().data_ptr() for t in (query, key, value)}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in given | ({mask.untyped_storage().data_ptr()} if masked else set()):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out.sum().backward()
+    shape = E.ModelShape(name="t", model_type="gemma2", layers=1, hidden=64, intermediate=128, heads=heads, kv_heads=kv,
+                         head_dim=dh, vocab=256, tied=False, max_context=512, attn_softcap=softcap is not None)
+    setup = E.Setup(micro_batch=b, seq_len=s, device="cuda" if dtype == torch.bfloat16 else "cpu")
+    given_mask = s * s if masked else 0  # the estimate counts the causal mask a tile builds where it is given none
+    assert sum(seen.values()) == E.attention_tile_bytes(shape, setup) - given_mask

