@@ -335,11 +335,16 @@ INPUT_GROUPS = {"q_proj": "in1", "k_proj": "in1", "v_proj": "in1", "qkv_proj": "
 NORM_WEIGHT_FP32 = (*NORM_PLUS_ONE, "olmo2")  # norms that multiply by their weight in fp32
 
 
+def windowed_layers(shape: ModelShape) -> list[bool]:
+    """Per decoder layer, whether its attention is windowed."""
+    return [i < len(shape.sliding) and shape.sliding[i] for i in range(shape.layers)]
+
+
 def masked_layers(shape: ModelShape, setup: Setup) -> list[bool]:
     """Per decoder layer, whether its attention gets a mask: packed rows, or a window shorter than the
     sequence (transformers drops the mask where the window covers every key)."""
-    windowed = 0 < shape.sliding_window <= setup.seq_len
-    return [setup.packed or (windowed and i < len(shape.sliding) and shape.sliding[i]) for i in range(shape.layers)]
+    short_window = 0 < shape.sliding_window <= setup.seq_len
+    return [setup.packed or (short_window and windowed) for windowed in windowed_layers(shape)]
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup, masked: bool | None = None) -> float:
@@ -467,9 +472,8 @@ def eager_mask_bytes(shape: ModelShape, setup: Setup) -> int:
     row for packed rows, whose masks differ)."""
     if not shape.eager_attention:
         return 0
-    kinds = {bool(w) for w in shape.sliding} if shape.sliding else {False}
-    masked = sum(1 for windowed in kinds if setup.packed or (windowed and 0 < shape.sliding_window <= setup.seq_len))
-    return masked * (setup.micro_batch if setup.packed else 1) * setup.seq_len**2
+    masked_kinds = {w for w, masked in zip(windowed_layers(shape), masked_layers(shape, setup)) if masked}
+    return len(masked_kinds) * (setup.micro_batch if setup.packed else 1) * setup.seq_len**2
 
 
 def checkpoint_inputs_bytes(shape: ModelShape, setup: Setup) -> int:
