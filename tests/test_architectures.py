@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from tinytune import adapters, attention, loading, memsave, train
 from tinytune.config import TrainConfig
 from tinytune.export import export
+from tinytune.memory import estimate
 
 OTHERS = [t for t in loading.SUPPORTED_MODEL_TYPES if t != "llama"]
 
@@ -125,3 +126,46 @@ def test_gemma2_runs_tiled_attention_that_computes_and_generates_as_eager(model_
     runs = [m.generate(ids[:1, :20], max_new_tokens=30, min_new_tokens=30, do_sample=False, use_cache=True, pad_token_id=0)
             for m in (tiled, eager)]
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("model_type", loading.SUPPORTED_MODEL_TYPES)
+def test_packed_rows_attend_per_example_with_transformers_own_loss_and_gradients(model_dirs, tiny_model_dir,
+                                                                                  model_type, monkeypatch):
+    """A run that packs (``attention.attend_per_example``; Gemma 2's tiles of 16 queries) on rows of
+    three examples, one longer than the windows of 16, with offloaded checkpoints: the loss and LoRA
+    gradients of transformers' own masked attention (eager for Gemma 2), and no s × s mask where no
+    window is reached."""
+    monkeypatch.setattr(attention, "TILE_TOKENS", 16)
+    path = tiny_model_dir if model_type == "llama" else model_dirs[model_type]
+    ids = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(0))
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in ((20, 5, 23), (9, 30, 9))])
+    batch = {"input_ids": ids, "labels": ids, "position_ids": positions}
+    masks = []
+
+    def run(ours: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = loading.load_model(loading.resolve_source(str(path)), 4, torch.device("cpu"))
+        adapters.apply(model, TrainConfig(technique="lora", rank=4, alpha=8, dropout=0.0, bits=4))
+        _nonzero_adapters(model)
+        model.train()
+        if ours:
+            attention.attend_per_example(model)
+            memsave.checkpoint_layers(model, offload=True)
+            for layer in loading.decoder_layers(model):
+                layer.self_attn.register_forward_pre_hook(
+                    lambda _m, _a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+        elif model.config._attn_implementation == attention.NAME:
+            model.set_attn_implementation("eager")
+        loss_sum, n = train.forward_loss(model, batch, torch.device("cpu"), torch.float32)
+        (loss_sum / n).backward()
+        return (loss_sum / n).item(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+    want_loss, want = run(False)
+    got_loss, got = run(True)
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert got.keys() == want.keys() and got
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    shape = estimate.ModelShape.from_config(AutoConfig.from_pretrained(path))
+    windowed = estimate.masked_layers(shape, estimate.Setup(seq_len=48, packed=True))
+    assert [m is not None for m in masks[:shape.layers]] == windowed

@@ -29,7 +29,8 @@ def _config(layers: int, model_type: str = "llama"):
     return config
 
 
-def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dtype: torch.dtype, model_type: str = "llama"):
+def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dtype: torch.dtype, model_type: str = "llama",
+           packed: bool = False):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(layers, model_type)).to(dtype)
     model.requires_grad_(False)
@@ -37,6 +38,8 @@ def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dt
         for layer in model.model.layers:
             loading.replace_linears(layer, lambda linear: quant.quantize_linear(linear, bits, torch.device("cpu"), dtype))
     attention.tile_attention(model)  # as loading does (Gemma 2)
+    if packed:
+        attention.attend_per_example(model)  # as a run that packs does
     adapters.apply(model, TrainConfig(technique=technique, rank=rank, alpha=2 * rank, dropout=dropout, bits=bits), 100)
     return model
 
@@ -84,8 +87,8 @@ def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, p
     LoRA's dropout keeps an 8-byte seed per branch instead of its mask.
     """
     rank, batch, seq = 8, 2, 32
-    per_two = _saved(_model(4, bits, technique, rank, dropout, dtype, model_type), batch, seq, packed) - _saved(
-        _model(2, bits, technique, rank, dropout, dtype, model_type), batch, seq, packed)
+    per_two = _saved(_model(4, bits, technique, rank, dropout, dtype, model_type, packed), batch, seq, packed) - _saved(
+        _model(2, bits, technique, rank, dropout, dtype, model_type, packed), batch, seq, packed)
     shape = E.ModelShape.from_config(_config(4, model_type))
     # "cpu" counts fp32 activations; the bf16 cases use the CUDA activation size with CPU dropout masks.
     d = 2 if dtype == torch.bfloat16 else 4
@@ -319,11 +322,13 @@ def test_a_budget_below_the_card_caps_the_allocator_less_the_cuda_context():
     assert cap_fraction(CUDA_CONTEXT_BYTES // 2, card) == 0.0
 
 
-@pytest.mark.parametrize("dtype,softcap,masked", [(torch.float32, 50.0, False), (torch.bfloat16, 50.0, False),
-                                                  (torch.bfloat16, None, True), (torch.float32, 50.0, True)])
-def test_one_attention_tile_rebuilds_what_the_estimate_says(dtype, softcap, masked):
+@pytest.mark.parametrize("dtype,softcap,masked,packed", [
+    (torch.float32, 50.0, False, False), (torch.bfloat16, 50.0, False, False), (torch.bfloat16, None, True, False),
+    (torch.float32, 50.0, True, False), (torch.bfloat16, 50.0, False, True)])
+def test_one_attention_tile_rebuilds_what_the_estimate_says(dtype, softcap, masked, packed):
     """Gemma 2's tiled attention: what backward saves while it rebuilds a tile (the whole sequence in
-    one tile here) equals ``attention_tile_bytes`` byte for byte, beyond the q, k and v it was given."""
+    one tile here) equals ``attention_tile_bytes`` byte for byte, beyond the q, k and v it was given
+    (packed rows: the examples read from the position ids)."""
     from types import SimpleNamespace
 
     b, heads, kv, s, dh = 2, 4, 2, 32, 16
@@ -333,7 +338,9 @@ def test_one_attention_tile_rebuilds_what_the_estimate_says(dtype, softcap, mask
                          for n in (heads, kv, kv))
     mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None].expand(b, 1, s, s) if masked else None
     module = SimpleNamespace(head_dim=dh, training=True)
-    out, _ = attention.tiled_attention(module, query, key, value, mask, scaling=dh**-0.5, softcap=softcap)
+    positions = torch.stack([torch.arange(s) % 12, torch.arange(s) % 20]) if packed else None
+    out, _ = attention.tiled_attention(module, query, key, value, mask, scaling=dh**-0.5, softcap=softcap,
+                                       position_ids=positions)
     given = {t.untyped_storage().data_ptr() for t in (query, key, value, *([mask] if masked else []))}
     seen: dict[int, int] = {}
 
@@ -346,6 +353,6 @@ def test_one_attention_tile_rebuilds_what_the_estimate_says(dtype, softcap, mask
         out.sum().backward()
     shape = E.ModelShape(name="t", model_type="gemma2", layers=1, hidden=64, intermediate=128, heads=heads, kv_heads=kv,
                          head_dim=dh, vocab=256, tied=False, max_context=512, attn_softcap=softcap is not None)
-    setup = E.Setup(micro_batch=b, seq_len=s, device="cuda" if dtype == torch.bfloat16 else "cpu")
+    setup = E.Setup(micro_batch=b, seq_len=s, device="cuda" if dtype == torch.bfloat16 else "cpu", packed=packed)
     given_mask = s * s if masked else 0  # the estimate counts the causal mask a tile builds where it is given none
     assert sum(seen.values()) == E.attention_tile_bytes(shape, setup) - given_mask

@@ -475,14 +475,18 @@ def test_peak_breakdown_smoke_runs_on_cpu():
     assert "the step runs" in proc.stdout
 
 
-def test_packed_examples_never_attend_to_each_other(tiny_model_dir):
+@pytest.mark.parametrize("per_example", [True, False], ids=["per-example", "transformers-mask"])
+def test_packed_examples_never_attend_to_each_other(tiny_model_dir, per_example):
     """Each example's logits inside a packed row equal its logits alone, and the packed loss is the
-    sum of the examples' losses."""
-    from tinytune import data
+    sum of the examples' losses: as a run that packs attends (SDPA per example), and with the mask
+    transformers builds from the position ids."""
+    from tinytune import attention, data
     from tinytune.loss import causal_lm_loss_sum
 
     torch.manual_seed(0)
     model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 16, torch.device("cpu")).eval()
+    if per_example:
+        assert attention.attend_per_example(model)
     gen = torch.Generator().manual_seed(1)
     examples = [data.Example(ids, ids) for ids in (torch.randint(3, 2000, (n,), generator=gen).tolist() for n in (9, 14, 5, 11))]
     (row,) = data.pack(examples, seq_len=64, seed=0)

@@ -469,8 +469,9 @@ def build(path: Path, tok, seq_len: int, eval_fraction: float, train_on_prompt: 
 def pack(examples: list[Example], seq_len: int, seed: int) -> list[Example]:
     """Short examples packed into rows of at most ``seq_len`` tokens, none split or dropped.
 
-    Positions restart at 0 for each example; given position ids and no attention mask, transformers
-    builds a mask in which a token attends only within its own example. The first label of each
+    Positions restart at 0 for each example; given position ids and no attention mask, a token
+    attends only within its own example (a run that packs attends per example:
+    ``attention.attend_per_example``; transformers alone would build a mask). The first label of each
     example is ignored, so no token is trained to predict the start of the next example. Examples
     are taken in a seeded shuffle and placed first-fit into the open rows.
     """
@@ -506,7 +507,7 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     are those of the masked batch; without a mask transformers lets SDPA attend causally (its flash
     kernel on CUDA), where a padding mask would make it expand k and v to every head and keep the
     mask as an additive bias, batch × s² values per layer. Packed rows carry position ids, from which
-    transformers masks attention across their examples (padding then reads as one more example)."""
+    attention reads their examples (padding then reads as one more example)."""
     packed = batch[0].position_ids is not None
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

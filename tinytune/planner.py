@@ -74,7 +74,7 @@ class Fixed:
     offload: bool = False
     mlp_tiles: int = 1
     packed: bool = False
-    """Rows packed with several examples, whose attention is masked between them (Setup.packed)."""
+    """Rows packed with several examples, each attending only to itself (Setup.packed)."""
 
     def named(self) -> str:
         flags = [f"--technique {self.technique}" if self.technique else "", f"--rank {self.rank}" if self.rank else "",

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from tinytune import adapters, checkpoint, data, fast, loading, memsave, planner, rundir
+from tinytune import adapters, attention, checkpoint, data, fast, loading, memsave, planner, rundir
 from tinytune.config import CPU_DEFAULT_STEPS, DEFAULT_EPOCHS, GIB, TrainConfig, parse_save_every
 from tinytune.errors import UserError
 from tinytune.export import PEFT_TECHNIQUES, save_peft_adapter
@@ -175,7 +175,7 @@ def calibrate(model, shape, plan, cfg: TrainConfig, pinned: set[str], device, dt
     short = min(cfg.seq_len, 256)
     ids = torch.randint(0, shape.vocab, (cfg.micro_batch, short), device=device)
     batch = {"input_ids": ids, "labels": ids}
-    if cfg.pack:  # rows of two examples, whose attention transformers masks between them, as in training
+    if cfg.pack:  # rows of two examples, each attending only to itself, as in training
         batch["position_ids"] = (torch.arange(short, device=device) % -(-short // 2)).expand_as(ids)
     if cfg.gradient_checkpointing:
         memsave.checkpoint_layers(model, plain_layers=cfg.plain_layers)
@@ -378,6 +378,8 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model = loading.load_model(source, cfg.bits, device)
+    if cfg.pack:  # attention within each example of a packed row, without an s × s mask
+        attention.attend_per_example(model)
     per_epoch = data.micro_batches_per_epoch(len(ds.train), cfg.micro_batch)
     total_steps = ckpt.state["trainer"]["total_steps"] if ckpt else planned_steps(cfg, per_epoch, device, say)
     host_embeddings = memsave.embeddings_on_host(model, cfg.technique)

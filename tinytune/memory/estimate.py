@@ -10,10 +10,11 @@ Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32)
 
 - each RMSNorm keeps its fp32 input and the reciprocal RMS: 4h + 4 (×2 norms);
 - attention keeps RoPE'd q and k, v and the output for SDPA (flash / memory-efficient, never an s×s
-  matrix) plus fp32 log-sum-exp per head; with a mask (packed rows: one per example) transformers
-  expands k/v to every head and SDPA keeps the mask as an additive bias (s values per token). A
-  right-padded batch carries no mask (``data.collate``): causal attention already keeps real tokens
-  from the pads after them;
+  matrix) plus fp32 log-sum-exp per head; with a mask (a window shorter than the sequence)
+  transformers expands k/v to every head and SDPA keeps the mask as an additive bias (s values per
+  token). A right-padded batch carries no mask (``data.collate``): causal attention already keeps
+  real tokens from the pads after them; packed rows none either: SDPA runs on each example alone
+  (tinytune.attention), and o_proj reads a copy of the pieces' outputs put together;
 - the MLP keeps gate, silu(gate) and up (3 × d·i);
 - a linear layer whose input a trainable matrix multiplies (LoRA's A, a full weight) keeps its
   input (once per distinct input; LoRA's dropout draws its mask again in backward, so it keeps no
@@ -191,8 +192,8 @@ class Setup:
     targets: tuple[str, ...] = ("all-linear",)
     device: str = "cuda"
     packed: bool = False
-    """Rows packed with several examples: transformers masks attention between them, so every layer
-    has a mask (right-padded batches have none: ``data.collate``)."""
+    """Rows packed with several examples, each attending only to itself without a mask (SDPA per
+    example, tinytune.attention; right-padded batches have no mask either: ``data.collate``)."""
     loss_chunk: int | None = None
     """Tokens per chunk of the loss: None = ``loss_chunk_tokens`` of the vocabulary, 0 = all at once."""
     offload: bool = False
@@ -341,16 +342,17 @@ def windowed_layers(shape: ModelShape) -> list[bool]:
 
 
 def masked_layers(shape: ModelShape, setup: Setup) -> list[bool]:
-    """Per decoder layer, whether its attention gets a mask: packed rows, or a window shorter than the
-    sequence (transformers drops the mask where the window covers every key)."""
+    """Per decoder layer, whether its attention gets a mask: a window shorter than the sequence
+    (transformers drops the mask where the window covers every key; packed rows have none:
+    tinytune.attention keeps each example to itself)."""
     short_window = 0 < shape.sliding_window <= setup.seq_len
-    return [setup.packed or (short_window and windowed) for windowed in windowed_layers(shape)]
+    return [short_window and windowed for windowed in windowed_layers(shape)]
 
 
-def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup, masked: bool | None = None) -> float:
+def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup, masked: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer without checkpointing (see module doc);
-    ``masked``: whether its attention has a mask (default: whether the rows are packed)."""
-    return sum(_saved_per_token(shape, setup, setup.packed if masked is None else masked))
+    ``masked``: whether its attention has a mask (default: none)."""
+    return sum(_saved_per_token(shape, setup, masked))
 
 
 def layer_saved_fixed_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -407,8 +409,9 @@ def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[flo
         else:
             total += own
     # SDPA keeps its output in the layout o_proj reads, unless q came out of a fused projection (its
-    # RoPE'd copy is laid out head-major, and so is the output); eager attention keeps none
-    attn_copied = shape.eager_attention or shape.fused
+    # RoPE'd copy is laid out head-major, and so is the output) or it ran per example (packed rows
+    # without a mask: the pieces are put together); eager attention keeps none
+    attn_copied = shape.eager_attention or shape.fused or (setup.packed and not masked)
     sizes = {"in1": h, "in2": h, "act": i, "attn": q if attn_copied else 0}
     total += sum(d * sizes[g] for g in kept_inputs if g in ("in1", "attn"))
     mlp += sum(d * sizes[g] for g in kept_inputs if g in ("in2", "act"))
@@ -456,14 +459,16 @@ def attention_tile_bytes(shape: ModelShape, setup: Setup) -> int:
     most (the last tile reads every key): per score the soft-capped score in the compute dtype, the
     fp32 softmax and, in 16 bits, its cast; the tile's queries regrouped per k/v head, and k and v
     as the products read them (RoPE and the projections leave all three laid out token-major); the
-    causal mask it builds where transformers gives none. Forward builds the same without keeping it."""
+    causal mask it builds where transformers gives none (per row for packed rows: each example's own
+    keys). Forward builds the same without keeping it."""
     if not shape.eager_attention:
         return 0
     d, s = setup.act_bytes, setup.seq_len
     per_score = 4 + (d if shape.attn_softcap else 0) + (d if d != 4 else 0)
     queries = min(ATTENTION_TILE_TOKENS, s)
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    return setup.micro_batch * (queries * (shape.heads * s * per_score + d * q) + 2 * d * kv * s) + queries * s
+    rows = setup.micro_batch if setup.packed else 1
+    return setup.micro_batch * (queries * (shape.heads * s * per_score + d * q) + 2 * d * kv * s) + rows * queries * s
 
 
 def eager_mask_bytes(shape: ModelShape, setup: Setup) -> int:
