@@ -44,6 +44,8 @@ def _plan_choices(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-checkpoints", action="store_true",
                    help="keep each layer's checkpointed input in host memory (long sequences on a small GPU)")
     p.add_argument("--mlp-tiles", type=int, default=1, help="run each MLP over the sequence in N tiles (default 1)")
+    p.add_argument("--pack", action="store_true", help="pack short examples into rows of --seq-len tokens "
+                   "(no attention across examples)")
     p.add_argument("--optim", default=TrainConfig().optim, help="paged-adamw-8bit (default), paged-adamw-32bit or adamw")
 
 
@@ -80,8 +82,6 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-sample", dest="sample", action="store_false", help="skip the before/after generation sample")
     p.add_argument("--compile", default=d.compile, help="compile the decoder layers (faster steps after a first "
                    "slow one): auto (on for CUDA with Triton), on or off (default auto)")
-    p.add_argument("--pack", action="store_true", help="pack short examples into rows of --seq-len tokens "
-                   "(no attention across examples)")
     p.add_argument("--save-every", default=d.save_every,
                    help="checkpoint every N steps (100) or every so long (30s, 10m, 1h), or off (default 5m)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints to keep (default 2)")
@@ -204,7 +204,7 @@ def cmd_plan(args) -> int:
         shape = _shape_for(args.model)
     pinned = _pinned(args)
     cfg = TrainConfig(optim=args.optim, dropout=args.dropout, targets=tuple(t.strip() for t in args.targets.split(",")),
-                      offload_checkpoints=args.offload_checkpoints, mlp_tiles=args.mlp_tiles,
+                      offload_checkpoints=args.offload_checkpoints, mlp_tiles=args.mlp_tiles, pack=args.pack,
                       **{k: v for k, v in pinned.items() if k != "fixed"})
     budget = planner.resolve_budget(parse_vram(args.vram) if args.vram is not None else None, args.gpu, "cuda", args.vram)
     if budget is None:
