@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from pathlib import Path
 
@@ -408,6 +409,24 @@ def test_bench_overhead_prints_host_time_per_stack():
     assert set(rows) == set(stacks.split(","))
     assert all(" ms " in row for row in rows.values())
     assert "the peft's time" in rows["tinytune+plain0+nocompile+pertensor"]
+
+
+def test_bench_packing_compares_the_mask_with_attention_per_example():
+    """The packing benchmark runs its three ways on a small row and reports kept bytes equal to the
+    estimate's and the same loss for the mask and per example."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--tokens", "96", "--examples", "3",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:5]}
+    assert set(rows) == {"mask", "per-example", "unpacked"}
+    for cells in rows.values():
+        assert cells[3] == cells[4]  # kept KiB per token and layer: measured, estimated
+    assert float(rows["per-example"][3]) < float(rows["mask"][3])
+    difference = re.search(r"\(difference (\S+)\); largest gradient difference (\S+)", proc.stdout)
+    assert float(difference[1]) < 1e-5 and float(difference[2]) < 1e-4
 
 
 def _tool(name: str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -155,6 +157,21 @@ def test_plan_command_text(capsys):
     text = capsys.readouterr().out
     assert "chosen: 16-bit lora r64" in text and "runner-up" in text and "needed (GiB)" in text
     assert "12.00 GiB (--gpu rtx3060" in text
+
+
+def test_plan_pack_plans_a_packed_run():
+    """``plan --pack`` plans as a run that packs does (``Setup.packed``): the JSON is the planner's
+    own plan for packed rows, which differs from the unpacked one where the estimate does."""
+    argv = ["plan", "--vram", "12GB", "--model", "llama-3.2-1b", "--seq-len", "4096", "--json"]
+    plans = {}
+    for pack in (False, True):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert main(argv + (["--pack"] if pack else [])) == 0
+        plans[pack] = json.loads(out.getvalue())
+        budget = planner.resolve_budget(12 * GIB, None, "cuda", "12GB")
+        want = planner.make_plan(presets.model_shape("llama-3.2-1b"), budget, 4096, planner.Fixed(packed=pack))
+        assert plans[pack] == json.loads(json.dumps(want.to_dict()))
+    assert plans[True] != plans[False]
 
 
 @pytest.mark.parametrize("argv,message", [
