@@ -37,9 +37,7 @@ def _model(layers: int, bits: int, technique: str, rank: int, dropout: float, dt
     if bits != 16:
         for layer in model.model.layers:
             loading.replace_linears(layer, lambda linear: quant.quantize_linear(linear, bits, torch.device("cpu"), dtype))
-    attention.tile_attention(model)  # as loading does (Gemma 2)
-    if packed:
-        attention.attend_per_example(model)  # as a run that packs does
+    attention.install(model, packed)  # as loading does (Gemma 2, windowed layers), and a run that packs
     adapters.apply(model, TrainConfig(technique=technique, rank=rank, alpha=2 * rank, dropout=dropout, bits=bits), 100)
     return model
 
@@ -94,8 +92,8 @@ def test_saved_bytes_per_layer_match_autograd(technique, bits, dropout, dtype, p
     d = 2 if dtype == torch.bfloat16 else 4
     setup = E.Setup(technique=technique, rank=rank, bits=bits, micro_batch=batch, seq_len=seq, dropout=dropout,
                     device="cuda" if d == 2 else "cpu", packed=packed, gradient_checkpointing=False)
-    masked = E.masked_layers(shape, setup)[2:]  # the two layers the difference isolates
-    per_token = sum(E.layer_saved_bytes_per_token(shape, setup, m) for m in masked)
+    past_window = E.past_window_layers(shape, setup)[2:]  # the two layers the difference isolates
+    per_token = sum(E.layer_saved_bytes_per_token(shape, setup, w) for w in past_window)
     if d == 2 and dropout and technique in ("vera", "lora-fa"):  # dropout masks stay in the dtype on a CPU
         n_in = sum(i for i, _ in shape.linears().values())
         per_token += 2 * (d - 1) * (n_in if technique != "lora-fa" else rank * len(shape.linears()))
@@ -221,12 +219,11 @@ def test_checkpointing_and_techniques_order_memory_as_expected():
     assert 3.6 < on_cpu / E.GIB < 4.2  # fp32, both tables
 
 
-def _peak_live_saved_bytes(model, run) -> int:
+def _peak_live_saved_bytes(own: set[int], run) -> int:
     """The most bytes autograd holds for backward at any one time while ``run()`` runs (each storage
-    once; what the model holds anyway left out, as saved_activation_bytes does). Checkpointing's
-    recomputation keeps its tensors out of these hooks, so this sees layers that are not
-    checkpointed and the MLP tiles' own checkpoints."""
-    own = model_storages(model)
+    once; ``own``: storages left out, such as what the model holds anyway, as saved_activation_bytes
+    does). Checkpointing's recomputation keeps its tensors out of these hooks, so this sees layers
+    that are not checkpointed and the MLP tiles' own checkpoints."""
     live: dict[int, list[int]] = {}
     state = {"now": 0, "peak": 0}
 
@@ -266,7 +263,7 @@ def _step_peak(layers: int, technique: str, dtype: torch.dtype, prepare) -> int:
         loss, _ = causal_lm_loss_sum(model.lm_head, hidden, ids, chunk=0)
         loss.backward()
 
-    return _peak_live_saved_bytes(model, run)
+    return _peak_live_saved_bytes(model_storages(model), run)
 
 
 def _predicted_kept(layers: int, technique: str, **setup_kw) -> int:
@@ -356,3 +353,28 @@ def test_one_attention_tile_rebuilds_what_the_estimate_says(dtype, softcap, mask
     setup = E.Setup(micro_batch=b, seq_len=s, device="cuda" if dtype == torch.bfloat16 else "cpu", packed=packed)
     given_mask = s * s if masked else 0  # the estimate counts the causal mask a tile builds where it is given none
     assert sum(seen.values()) == E.attention_tile_bytes(shape, setup) - given_mask
+
+
+@pytest.mark.parametrize("dtype,kv_heads,window", [(torch.float32, 2, 20), (torch.bfloat16, 2, 20),
+                                                   (torch.float32, 4, 20), (torch.bfloat16, 2, 48)])
+def test_a_windowed_sdpa_tile_rebuilds_what_the_estimate_says(dtype, kv_heads, window, monkeypatch):
+    """A windowed SDPA layer past its window runs in tiles (16 queries here, reading up to 16 +
+    window − 1 keys): the most backward holds while it rebuilds one equals ``attention_tile_bytes``
+    byte for byte, beyond the q, k and v it was given (a window of 48: the last tile reads 63 keys of 64)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(attention, "TILE_TOKENS", 16)
+    monkeypatch.setattr(E, "ATTENTION_TILE_TOKENS", 16)
+    heads, s, dh = 4, 64, 16
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, s, n, dh, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
+                         for n in (heads, kv_heads, kv_heads))
+    module = SimpleNamespace(head_dim=dh, training=True, num_key_value_groups=heads // kv_heads, is_causal=True)
+    given = {t.untyped_storage().data_ptr() for t in (query, key, value)}
+    out, _ = attention.sdpa_attention(module, query, key, value, None, scaling=dh**-0.5, sliding_window=window,
+                                      position_ids=torch.arange(s)[None])
+    shape = E.ModelShape(name="t", model_type="mistral", layers=1, hidden=64, intermediate=128, heads=heads,
+                         kv_heads=kv_heads, head_dim=dh, vocab=256, tied=False, max_context=512,
+                         sliding_window=window, sliding=(True,))
+    setup = E.Setup(seq_len=s, device="cuda" if dtype == torch.bfloat16 else "cpu")
+    assert _peak_live_saved_bytes(given, lambda: out.sum().backward()) == E.attention_tile_bytes(shape, setup)

@@ -413,7 +413,7 @@ def test_bench_overhead_prints_host_time_per_stack():
 
 def test_bench_packing_compares_the_mask_with_attention_per_example():
     """The packing benchmark runs its three ways on a small row and reports kept bytes equal to the
-    estimate's and the same loss for the mask and per example."""
+    estimate's (tinytune's attention) and the same loss for the mask and per example."""
     import subprocess
     import sys
 
@@ -422,8 +422,8 @@ def test_bench_packing_compares_the_mask_with_attention_per_example():
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:5]}
     assert set(rows) == {"mask", "per-example", "unpacked"}
-    for cells in rows.values():
-        assert cells[3] == cells[4]  # kept KiB per token and layer: measured, estimated
+    for way in ("per-example", "unpacked"):
+        assert rows[way][3] == rows[way][4]  # kept KiB per token and layer: measured, estimated
     assert float(rows["per-example"][3]) < float(rows["mask"][3])
     difference = re.search(r"\(difference (\S+)\); largest gradient difference (\S+)", proc.stdout)
     assert float(difference[1]) < 1e-5 and float(difference[2]) < 1e-4
@@ -505,7 +505,7 @@ def test_packed_examples_never_attend_to_each_other(tiny_model_dir, per_example)
     torch.manual_seed(0)
     model = loading.load_model(loading.resolve_source(str(tiny_model_dir)), 16, torch.device("cpu")).eval()
     if per_example:
-        assert attention.attend_per_example(model)
+        assert attention.install(model, packed=True) == attention.SDPA
     gen = torch.Generator().manual_seed(1)
     examples = [data.Example(ids, ids) for ids in (torch.randint(3, 2000, (n,), generator=gen).tolist() for n in (9, 14, 5, 11))]
     (row,) = data.pack(examples, seq_len=64, seed=0)

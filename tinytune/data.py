@@ -471,7 +471,7 @@ def pack(examples: list[Example], seq_len: int, seed: int) -> list[Example]:
 
     Positions restart at 0 for each example; given position ids and no attention mask, a token
     attends only within its own example (a run that packs attends per example:
-    ``attention.attend_per_example``; transformers alone would build a mask). The first label of each
+    ``attention.sdpa_attention``; transformers alone would build a mask). The first label of each
     example is ignored, so no token is trained to predict the start of the next example. Examples
     are taken in a seeded shuffle and placed first-fit into the open rows.
     """

@@ -31,10 +31,9 @@ compiled too, a short CPU run with a sample made 8 graphs of the layer forward, 
 recompile limit, past which any new case (such as a training step's) runs eager without a word.
 Training can make more than 8 where its micro-batches differ: with and without grad (reentrant
 checkpointing runs the first forward without it), at the first shape, then with lengths made
-dynamic, then the batch size (a batch of one is a case of its own), and with an attention mask and
-without one where windowed layers reach their window (right-padded batches carry none:
-``data.collate``; packed rows none either, their attention runs per example outside the compiled
-code: ``attention.example_attention``, a graph break in each layer). A run whose
+dynamic, then the batch size (a batch of one is a case of its own). Training batches carry no
+attention mask (right-padded ones need none: ``data.collate``; packed rows and windowed layers get
+tinytune's attention, which runs outside the compiled code: a graph break in each layer). A run whose
 micro-batches of 2 and 4 are sometimes padded and one is a single example makes 8 (14 when padded
 batches carried a mask). ``compile_layers`` raises the limit to ``RECOMPILE_LIMIT``; each graph
 costs compile time once.

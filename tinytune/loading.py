@@ -215,7 +215,7 @@ def load_model(source: ModelSource, bits: int, device: torch.device, dtype: torc
             layer.to(device)
     model.to(device)
     model.config.use_cache = False
-    attention.tile_attention(model)
+    attention.install(model)
     model.eval()
     model.tinytune_bits = bits
     return model
@@ -279,7 +279,7 @@ def build_random(config, bits: int, device: torch.device, dtype: torch.dtype | N
             module._buffers[name] = b.to(device)
     if getattr(config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    attention.tile_attention(model)
+    attention.install(model)
     model.eval()
     model.tinytune_bits = bits
     return model

@@ -379,7 +379,7 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
     t0 = time.perf_counter()
     model = loading.load_model(source, cfg.bits, device)
     if cfg.pack:  # attention within each example of a packed row, without an s × s mask
-        attention.attend_per_example(model)
+        attention.install(model, packed=True)
     per_epoch = data.micro_batches_per_epoch(len(ds.train), cfg.micro_batch)
     total_steps = ckpt.state["trainer"]["total_steps"] if ckpt else planned_steps(cfg, per_epoch, device, say)
     host_embeddings = memsave.embeddings_on_host(model, cfg.technique)

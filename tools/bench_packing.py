@@ -18,7 +18,7 @@ tinytune's loss, backward) runs with:
 
 Printed per way: best-of-``--repeats`` step time and its ratio to ``mask`` (same run), what autograd
 keeps per token and layer (saved-tensor hooks, each storage once, over the layers after the first)
-next to the estimate's figure, and on CUDA the peak allocated memory above the weights. The first two ways must
+next to the estimate's figure (which models tinytune's attention, not the mask), and on CUDA the peak allocated memory above the weights. The first two ways must
 give the same loss and gradients: the largest differences are printed.
 """
 
@@ -79,7 +79,9 @@ def main() -> None:
     def build(way: str):
         model = loading.build_random(config, args.bits, device, dtype)
         if way == "per-example":
-            attention.attend_per_example(model)
+            attention.install(model, packed=True)
+        elif way == "mask":
+            model.set_attn_implementation("sdpa")  # transformers' own, where loading gave windowed layers tinytune's
         adapters.apply(model, TrainConfig(technique="lora", rank=16, alpha=32, dropout=0.0, bits=args.bits))
         with torch.no_grad():  # B starts at zero: give it values so every path carries gradient
             for p in adapters.trainable(model):
@@ -129,8 +131,10 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
         setup = estimate.Setup(technique="lora", rank=16, bits=args.bits, micro_batch=args.rows, seq_len=args.tokens,
                                dropout=0.0, device=device.type, packed=way == "per-example")
-        masked = [way == "mask" or m for m in estimate.masked_layers(shape, setup)]
-        predicted = sum(estimate.layer_saved_bytes_per_token(shape, setup, m) for m in masked[1:]) / (args.layers - 1)
+        past_window = estimate.past_window_layers(shape, setup)[1:]
+        predicted = None if way == "mask" else (  # the estimate knows tinytune's attention only
+            sum(estimate.layer_saved_bytes_per_token(shape, setup, w) for w in past_window) / (args.layers - 1)
+            + estimate.layer_saved_fixed_bytes(shape, setup) / tokens)
         kept = sum(n for first, n in seen.values() if first > 0)  # RoPE's tables: the first layer's
         rows.append((way, min(times), kept / tokens / (args.layers - 1), predicted, peak))
         del model
@@ -138,7 +142,8 @@ def main() -> None:
     base_time = rows[0][1]
     print(f"{'way':<12} {'step ms':>9} {'vs mask':>8} {'kept KiB/token/layer':>21} {'estimate':>9} {'peak GiB':>9}")
     for way, t, kept, predicted, peak in rows:
-        print(f"{way:<12} {1000 * t:>9.0f} {t / base_time:>7.2f}× {kept / 1024:>21.1f} {predicted / 1024:>9.1f} "
+        print(f"{way:<12} {1000 * t:>9.0f} {t / base_time:>7.2f}× {kept / 1024:>21.1f} "
+              f"{'—' if predicted is None else f'{predicted / 1024:.1f}':>9} "
               f"{'' if peak is None else f'{peak / 2**30:.3f}':>9}")
     (loss_a, grads_a), (loss_b, grads_b) = results["mask"], results["per-example"]
     worst = max(((grads_a[k] - grads_b[k]).abs().max() / grads_a[k].abs().max().clamp_min(1e-30)).item() for k in grads_a)

@@ -10,11 +10,10 @@ Per token and decoder layer (d = activation bytes: 2 under bf16/fp16, 4 in fp32)
 
 - each RMSNorm keeps its fp32 input and the reciprocal RMS: 4h + 4 (×2 norms);
 - attention keeps RoPE'd q and k, v and the output for SDPA (flash / memory-efficient, never an s×s
-  matrix) plus fp32 log-sum-exp per head; with a mask (a window shorter than the sequence)
-  transformers expands k/v to every head and SDPA keeps the mask as an additive bias (s values per
-  token). A right-padded batch carries no mask (``data.collate``): causal attention already keeps
-  real tokens from the pads after them; packed rows none either: SDPA runs on each example alone
-  (tinytune.attention), and o_proj reads a copy of the pieces' outputs put together;
+  matrix) plus fp32 log-sum-exp per head. No training batch has a mask: a right-padded one needs
+  none (``data.collate``: causal attention already keeps real tokens from the pads after them), and
+  packed rows and windows are tinytune.attention's: SDPA on each example alone (o_proj then reads a
+  copy of the pieces put together), a layer past its window in checkpointed tiles;
 - the MLP keeps gate, silu(gate) and up (3 × d·i);
 - a linear layer whose input a trainable matrix multiplies (LoRA's A, a full weight) keeps its
   input (once per distinct input; LoRA's dropout draws its mask again in backward, so it keeps no
@@ -34,9 +33,11 @@ What other architectures add to a Llama layer:
   score maps per token (the capped scores in the compute dtype, the fp32 softmax and, in 16 bits,
   its cast) exist for one tile at a time (``attention_tile_bytes``);
 - Phi-3 fuses q/k/v and gate/up into one projection each; v is a view of the fused output, so what
-  SDPA keeps of v holds all of it (unless a mask has v repeated to every head); its RoPE'd q is laid
-  out head-major, so SDPA's output is too and o_proj's input is a copy of its own;
-- a windowed layer (Mistral, Gemma, Phi-3) has a mask once the sequence reaches its window.
+  SDPA keeps of v holds all of it; its RoPE'd q is laid out head-major, so SDPA's output is too and
+  o_proj's input is a copy of its own;
+- a windowed layer (Mistral, Gemma, Phi-3) past its window runs its attention in tiles of queries
+  (tinytune.attention) and keeps q, k and v, as Gemma 2's does; a tile's k and v repeated to every
+  head and its bias exist while backward rebuilds it (``attention_tile_bytes``).
 
 With gradient checkpointing only each layer's input (d·h per token) is kept for the whole model;
 one layer's set above exists again while its backward runs. Layers left out of checkpointing (the
@@ -341,18 +342,16 @@ def windowed_layers(shape: ModelShape) -> list[bool]:
     return [i < len(shape.sliding) and shape.sliding[i] for i in range(shape.layers)]
 
 
-def masked_layers(shape: ModelShape, setup: Setup) -> list[bool]:
-    """Per decoder layer, whether its attention gets a mask: a window shorter than the sequence
-    (transformers drops the mask where the window covers every key; packed rows have none:
-    tinytune.attention keeps each example to itself)."""
-    short_window = 0 < shape.sliding_window <= setup.seq_len
-    return [short_window and windowed for windowed in windowed_layers(shape)]
+def past_window_layers(shape: ModelShape, setup: Setup) -> list[bool]:
+    """Per decoder layer, whether its window is shorter than the sequence (its attention in tiles)."""
+    short = 0 < shape.sliding_window < setup.seq_len
+    return [short and windowed for windowed in windowed_layers(shape)]
 
 
-def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup, masked: bool = False) -> float:
+def layer_saved_bytes_per_token(shape: ModelShape, setup: Setup, past_window: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer without checkpointing (see module doc);
-    ``masked``: whether its attention has a mask (default: none)."""
-    return sum(_saved_per_token(shape, setup, masked))
+    ``past_window``: whether its window is shorter than the sequence."""
+    return sum(_saved_per_token(shape, setup, past_window))
 
 
 def layer_saved_fixed_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -363,7 +362,7 @@ def layer_saved_fixed_bytes(shape: ModelShape, setup: Setup) -> int:
     return 4 * (shape.layer_norms * shape.hidden + shape.qk_norms[0])
 
 
-def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[float, float]:
+def _saved_per_token(shape: ModelShape, setup: Setup, past_window: bool) -> tuple[float, float]:
     """(the layer's saved bytes per token outside its MLP, inside its MLP: what a tile rebuilds)."""
     d = setup.act_bytes
     mask_b = 1 if setup.device == "cuda" else d  # dropout masks: bool on CUDA, the dtype on CPU
@@ -377,14 +376,15 @@ def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[flo
     total = shape.layer_norms * (4 * h + 4) + 4 * (normed + rms)  # norms: fp32 inputs + reciprocal RMS
     if full:  # the normalized input kept for the norm weight's gradient
         total += (4 if shape.model_type in NORM_WEIGHT_FP32 else d) * (shape.layer_norms * h + normed)
-    if shape.eager_attention:  # tiled: q, k and v, which each tile's checkpoint keeps; the score maps live in one tile
+    # in tiles: q, k and v, which each tile's checkpoint keeps; the scores live in one tile. A packed
+    # row's examples no longer than the window go through SDPA whole: counted so, the larger
+    tiled = shape.eager_attention or (past_window and not setup.packed)
+    if tiled:
         total += d * (q + 2 * kv)
     else:
         total += d * (q + q + kv + kv) + 4 * shape.heads  # q, out, k, v + log-sum-exp
-        if masked:
-            total += 2 * d * (q - kv) + d * setup.seq_len  # k/v repeated to every head + the additive mask
-        if shape.fused and not (masked and q > kv):  # v, a view of the fused projection's output, keeps all of it
-            total += d * (q + kv)
+    if shape.fused:  # v, a view of the fused projection's output, keeps all of it
+        total += d * (q + kv)
     mlp = 3 * d * i  # gate, silu(gate), up
 
     needs_x = full or t in ("lora", "lora-plus", "delta-lora")
@@ -409,9 +409,9 @@ def _saved_per_token(shape: ModelShape, setup: Setup, masked: bool) -> tuple[flo
         else:
             total += own
     # SDPA keeps its output in the layout o_proj reads, unless q came out of a fused projection (its
-    # RoPE'd copy is laid out head-major, and so is the output) or it ran per example (packed rows
-    # without a mask: the pieces are put together); eager attention keeps none
-    attn_copied = shape.eager_attention or shape.fused or (setup.packed and not masked)
+    # RoPE'd copy is laid out head-major, and so is the output) or it ran in pieces (per example, in
+    # tiles: they are put together); tiled attention keeps none
+    attn_copied = shape.eager_attention or shape.fused or setup.packed or past_window
     sizes = {"in1": h, "in2": h, "act": i, "attn": q if attn_copied else 0}
     total += sum(d * sizes[g] for g in kept_inputs if g in ("in1", "attn"))
     mlp += sum(d * sizes[g] for g in kept_inputs if g in ("in2", "act"))
@@ -429,16 +429,17 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     layer_input = d * shape.hidden * n
     fixed = layer_saved_fixed_bytes(shape, setup)
 
-    def kept_by(masked: bool) -> tuple[float, float]:  # (what a layer that runs once keeps, one MLP tile's rebuild)
-        outside, mlp = _saved_per_token(shape, setup, masked)
+    def kept_by(past_window: bool) -> tuple[float, float]:  # (what a layer that runs once keeps, one MLP tile's rebuild)
+        outside, mlp = _saved_per_token(shape, setup, past_window)
         if setup.mlp_tiles > 1:
             return outside * n + layer_input + fixed, mlp * n / setup.mlp_tiles
         return (outside + mlp) * n + fixed, 0.0
 
-    by_mask = {m: kept_by(m) for m in set(masked_layers(shape, setup))}
-    per_layer = [by_mask[m][0] for m in masked_layers(shape, setup)]
-    tile = max(max(t for _, t in by_mask.values()), attention_tile_bytes(shape, setup))
-    final = (4 * shape.hidden + 4 + d * shape.hidden) * n + eager_mask_bytes(shape, setup)  # final norm + the head's input
+    kinds = past_window_layers(shape, setup)
+    by_kind = {k: kept_by(k) for k in set(kinds)}
+    per_layer = [by_kind[k][0] for k in kinds]
+    tile = max(max(t for _, t in by_kind.values()), attention_tile_bytes(shape, setup))
+    final = (4 * shape.hidden + 4 + d * shape.hidden) * n  # final norm + the head's input
     if not setup.gradient_checkpointing:
         return int(sum(per_layer) + final), int(tile)
     plain = min(setup.plain_layers, shape.layers)
@@ -455,30 +456,28 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[int, int]:
 
 
 def attention_tile_bytes(shape: ModelShape, setup: Setup) -> int:
-    """What one tile of tiled attention (tinytune.attention) keeps while backward rebuilds it, at
-    most (the last tile reads every key): per score the soft-capped score in the compute dtype, the
-    fp32 softmax and, in 16 bits, its cast; the tile's queries regrouped per k/v head, and k and v
-    as the products read them (RoPE and the projections leave all three laid out token-major); the
-    causal mask it builds where transformers gives none (per row for packed rows: each example's own
-    keys). Forward builds the same without keeping it."""
-    if not shape.eager_attention:
-        return 0
+    """What one tile of tinytune's tiled attention keeps while backward rebuilds it, at most (forward
+    builds the same without keeping it).
+
+    Gemma 2's (the last tile reads every key): per score the soft-capped score in the compute dtype,
+    the fp32 softmax and, in 16 bits, its cast; the tile's queries regrouped per k/v head, and k and
+    v as the products read them (RoPE and the projections leave all three laid out token-major); the
+    boolean of the keys each query sees (per row for packed rows: each example's own keys).
+
+    A windowed SDPA layer past its window (one row at a time, t queries reading t + window − 1 keys
+    at most): k and v repeated to every head (where heads share them), the bias SDPA makes of the
+    boolean (the dtype per key), the output and the fp32 log-sum-exp per head."""
     d, s = setup.act_bytes, setup.seq_len
-    per_score = 4 + (d if shape.attn_softcap else 0) + (d if d != 4 else 0)
     queries = min(ATTENTION_TILE_TOKENS, s)
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    rows = setup.micro_batch if setup.packed else 1
-    return setup.micro_batch * (queries * (shape.heads * s * per_score + d * q) + 2 * d * kv * s) + rows * queries * s
-
-
-def eager_mask_bytes(shape: ModelShape, setup: Setup) -> int:
-    """Tiled attention takes transformers' SDPA masks, built once per step: none for layers that
-    attend plainly causally, an (s, s) boolean for windowed layers past their window (one per batch
-    row for packed rows, whose masks differ)."""
-    if not shape.eager_attention:
+    if shape.eager_attention:
+        per_score = 4 + (d if shape.attn_softcap else 0) + (d if d != 4 else 0)
+        rows = setup.micro_batch if setup.packed else 1
+        return setup.micro_batch * (queries * (shape.heads * s * per_score + d * q) + 2 * d * kv * s) + rows * queries * s
+    if not any(past_window_layers(shape, setup)):
         return 0
-    masked_kinds = {w for w, masked in zip(windowed_layers(shape), masked_layers(shape, setup)) if masked}
-    return len(masked_kinds) * (setup.micro_batch if setup.packed else 1) * setup.seq_len**2
+    keys = min(s, queries + shape.sliding_window - 1)
+    return (2 * d * q * keys if q > kv else 0) + d * queries * keys + queries * (d * q + 4 * shape.heads)
 
 
 def checkpoint_inputs_bytes(shape: ModelShape, setup: Setup) -> int:
