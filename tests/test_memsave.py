@@ -411,20 +411,19 @@ def test_bench_overhead_prints_host_time_per_stack():
     assert "the peft's time" in rows["tinytune+plain0+nocompile+pertensor"]
 
 
-def test_bench_packing_compares_the_mask_with_attention_per_example():
-    """The packing benchmark runs its three ways on a small row and reports kept bytes equal to the
-    estimate's (tinytune's attention) and the same loss for the mask and per example."""
+def test_bench_attention_compares_transformers_masks_with_tinytunes_attention():
+    """The attention benchmark runs both ways on a small packed row and reports tinytune's kept bytes
+    equal to the estimate's and below the mask's, and the same loss and gradients."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--tokens", "96", "--examples", "3",
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_attention.py"), "--tokens", "96", "--examples", "3",
                            "--repeats", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:5]}
-    assert set(rows) == {"mask", "per-example", "unpacked"}
-    for way in ("per-example", "unpacked"):
-        assert rows[way][3] == rows[way][4]  # kept KiB per token and layer: measured, estimated
-    assert float(rows["per-example"][3]) < float(rows["mask"][3])
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:4]}
+    assert set(rows) == {"transformers", "tinytune"}
+    assert rows["tinytune"][3] == rows["tinytune"][4]  # kept KiB per token and layer: measured, estimated
+    assert float(rows["tinytune"][3]) < float(rows["transformers"][3])
     difference = re.search(r"\(difference (\S+)\); largest gradient difference (\S+)", proc.stdout)
     assert float(difference[1]) < 1e-5 and float(difference[2]) < 1e-4
 

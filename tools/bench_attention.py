@@ -1,25 +1,25 @@
-"""Packed rows: transformers' mask against attention per example, side by side.
+"""Attention with an (s, s) mask (transformers') against tinytune's, on packed rows or past a window.
 
-    python tools/bench_packing.py [--model smollm2-135m] [--layers 2] [--tokens 2048] [--examples 16]
-    python tools/bench_packing.py --model llama-3.1-8b --layers 4 --bits 4 --rows 2   # on a GPU
+    python tools/bench_attention.py [--model smollm2-135m] [--layers 2] [--tokens 2048] [--examples 16]
+    python tools/bench_attention.py --model gemma-3-1b --tokens 4096 --examples 1   # windowed layers
+    python tools/bench_attention.py --model llama-3.1-8b --layers 4 --bits 4 --rows 2   # on a GPU
 
 A random-init model of ``--model``'s shape cut to ``--layers`` decoder layers (bf16 on CUDA, fp32 on
 a CPU; ``--bits 4`` for an NF4 base), LoRA r16 on every linear layer, gradient checkpointing off.
 Each of ``--rows`` rows of ``--tokens`` tokens holds ``--examples`` examples of seeded random
-lengths, positions restarting at each, as ``--pack`` makes them. The training step (forward with
-tinytune's loss, backward) runs with:
+lengths, positions restarting at each, as ``--pack`` makes them (``--examples 1``: unpacked rows).
+The training step (forward with tinytune's loss, backward) runs with:
 
-- ``mask``: transformers' SDPA attention, which builds a (rows, 1, s, s) mask from the position ids:
-  k and v expanded to every head, the mask kept as an additive bias by every layer, and every
-  score across examples computed, then masked;
-- ``per-example``: tinytune.attention.example_attention (what a run that packs uses): SDPA on each
-  example alone, causal, without a mask;
-- ``unpacked``: the same tokens as one causal example per row, for scale (not the same loss).
+- ``transformers``: its SDPA attention, which builds a (rows, 1, s, s) mask from the position ids and
+  for windowed layers past their window: k and v expanded to every head, the mask kept as an
+  additive bias by every such layer, and every score it hides computed;
+- ``tinytune``: tinytune.attention as a run that packs has it: SDPA on each example alone, causal, a
+  layer past its window in tiles of its window's keys.
 
-Printed per way: best-of-``--repeats`` step time and its ratio to ``mask`` (same run), what autograd
-keeps per token and layer (saved-tensor hooks, each storage once, over the layers after the first)
-next to the estimate's figure (which models tinytune's attention, not the mask), and on CUDA the peak allocated memory above the weights. The first two ways must
-give the same loss and gradients: the largest differences are printed.
+Printed per way: best-of-``--repeats`` step time and its ratio to ``transformers`` (same run), what
+autograd keeps per token and layer (saved-tensor hooks, each storage once, over the layers after the
+first) next to the estimate's figure (which models tinytune's attention), and on CUDA the peak
+allocated memory above the weights; then the largest differences of the loss and gradients.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=1)
-    ap.add_argument("--examples", type=int, default=16, help="examples per row")
+    ap.add_argument("--examples", type=int, default=16, help="examples per row (1: unpacked)")
     ap.add_argument("--bits", type=int, default=16, choices=(4, 8, 16))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -78,9 +78,9 @@ def main() -> None:
 
     def build(way: str):
         model = loading.build_random(config, args.bits, device, dtype)
-        if way == "per-example":
+        if way == "tinytune":
             attention.install(model, packed=True)
-        elif way == "mask":
+        else:
             model.set_attn_implementation("sdpa")  # transformers' own, where loading gave windowed layers tinytune's
         adapters.apply(model, TrainConfig(technique="lora", rank=16, alpha=32, dropout=0.0, bits=args.bits))
         with torch.no_grad():  # B starts at zero: give it values so every path carries gradient
@@ -96,9 +96,9 @@ def main() -> None:
         return (loss_sum / n).detach()
 
     rows, results = [], {}
-    for way in ("mask", "per-example", "unpacked"):
+    for way in ("transformers", "tinytune"):
         model = build(way)
-        positions = None if way == "unpacked" else packed
+        positions = packed
         own, seen, inside = model_storages(model), {}, []  # seen: storage → (first layer to keep it, bytes)
         for i, layer in enumerate(loading.decoder_layers(model)):
             layer.register_forward_pre_hook(lambda *_, i=i: inside.append(i))
@@ -130,9 +130,9 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
         setup = estimate.Setup(technique="lora", rank=16, bits=args.bits, micro_batch=args.rows, seq_len=args.tokens,
-                               dropout=0.0, device=device.type, packed=way == "per-example")
+                               dropout=0.0, device=device.type, packed=args.examples > 1)
         past_window = estimate.past_window_layers(shape, setup)[1:]
-        predicted = None if way == "mask" else (  # the estimate knows tinytune's attention only
+        predicted = None if way == "transformers" else (  # the estimate knows tinytune's attention only
             sum(estimate.layer_saved_bytes_per_token(shape, setup, w) for w in past_window) / (args.layers - 1)
             + estimate.layer_saved_fixed_bytes(shape, setup) / tokens)
         kept = sum(n for first, n in seen.values() if first > 0)  # RoPE's tables: the first layer's
@@ -140,14 +140,14 @@ def main() -> None:
         del model
 
     base_time = rows[0][1]
-    print(f"{'way':<12} {'step ms':>9} {'vs mask':>8} {'kept KiB/token/layer':>21} {'estimate':>9} {'peak GiB':>9}")
+    print(f"{'way':<12} {'step ms':>9} {'ratio':>8} {'kept KiB/token/layer':>21} {'estimate':>9} {'peak GiB':>9}")
     for way, t, kept, predicted, peak in rows:
         print(f"{way:<12} {1000 * t:>9.0f} {t / base_time:>7.2f}× {kept / 1024:>21.1f} "
               f"{'—' if predicted is None else f'{predicted / 1024:.1f}':>9} "
               f"{'' if peak is None else f'{peak / 2**30:.3f}':>9}")
-    (loss_a, grads_a), (loss_b, grads_b) = results["mask"], results["per-example"]
+    (loss_a, grads_a), (loss_b, grads_b) = results["transformers"], results["tinytune"]
     worst = max(((grads_a[k] - grads_b[k]).abs().max() / grads_a[k].abs().max().clamp_min(1e-30)).item() for k in grads_a)
-    print(f"per-example against mask: loss {loss_b.item():.6f} vs {loss_a.item():.6f} "
+    print(f"tinytune against transformers: loss {loss_b.item():.6f} vs {loss_a.item():.6f} "
           f"(difference {abs(loss_b - loss_a).item():.2e}); largest gradient difference {worst:.2e} of the tensor's largest")
 
 
