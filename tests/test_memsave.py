@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import weakref
 from pathlib import Path
 
@@ -552,6 +553,38 @@ def tensors_on_autograd_contexts(model, ids) -> int:
         todo.extend(next_node for next_node, _ in node.next_functions)
     (loss_sum / n).backward()
     return kept
+
+
+FREED_BLOCKS = """
+import sys, psutil, torch
+from tinytune import memsave
+if sys.argv[1] == "returned":
+    assert memsave.return_freed_host_memory()
+rss = lambda: psutil.Process().memory_info().rss
+big = torch.ones(24 * 2**20, dtype=torch.uint8)
+del big  # a large block freed: glibc raises its mmap threshold past 8 MiB
+before = rss()
+pairs = [(torch.ones(2**21), torch.ones(2**14)) for _ in range(64)]  # 8 MiB blocks, each with a small one after it
+kept = [small for _, small in pairs]
+del pairs  # the blocks are freed; the small tensors keep the heap from shrinking past them
+print((rss() - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_cpu_run_gives_freed_tensors_back_to_the_system():
+    """Freed 8 MiB blocks stay with the process under glibc's default (its threshold raised by a
+    larger block freed before, and small tensors after them that keep the heap from shrinking); with
+    ``return_freed_host_memory`` they go back to the system."""
+    import subprocess
+
+    def grown(mode: str) -> float:
+        proc = subprocess.run([sys.executable, "-c", FREED_BLOCKS, mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return float(proc.stdout)
+
+    assert grown("default") > 256  # MiB of the 512 freed
+    assert grown("returned") < 32
 
 
 def test_checkpointing_enabled_again_hooks_the_embeddings_once(tiny_model_dir):

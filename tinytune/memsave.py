@@ -37,11 +37,20 @@
   runs the MLP over the sequence in tiles, each under its own checkpoint (plainly where grad is
   off), so only one tile's intermediates exist at a time. The MLP is position-wise, so tiling
   changes nothing but the order of float additions in the weight gradients.
+- **Freed host memory returned** (CPU runs). glibc's malloc raises its mmap threshold each time it
+  frees a large block (up to 32 MiB), after which blocks below it come from the heap and stay with
+  the process when freed: on a CPU the step's activations are such blocks, and a SmolLM2-135M step
+  at 2,048 tokens grew the process by 6.58 GiB where its tensors needed about 3 (the estimate: 2.40
+  for the layers). ``return_freed_host_memory`` fixes the threshold at ``HOST_MMAP_THRESHOLD``, so
+  every tensor above it goes back to the system when freed: 3.24 GiB, the step 3% slower (within
+  its noise; a 64 KiB threshold: 3.00 GiB, 8% slower).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import functools
 import weakref
 
@@ -218,3 +227,18 @@ def tile_mlp(model, tiles: int) -> None:
     for layer in decoder_layers(model):
         mlp = layer.mlp
         mlp.forward = functools.partial(_tiled, mlp.forward, tiles)
+
+
+HOST_MMAP_THRESHOLD = 4 * 2**20
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def return_freed_host_memory() -> bool:
+    """Fix glibc's mmap threshold at ``HOST_MMAP_THRESHOLD`` (see the module doc); False where the C
+    library has no ``mallopt`` (not glibc) or refuses."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD) == 1

@@ -372,6 +372,8 @@ def _run(cfg, listener, stop, stream, resume, overrides, show_progress, lock: ru
             f"({budget.source}{'; CPU run: fp32 activations' if device.type == 'cpu' else ''})")
     if budget is not None and device.type == "cuda" and (cfg.vram or cfg.gpu):
         hold_to_budget(budget, device, say)
+    if device.type == "cpu":  # activations live in host memory: give what a step frees back to the system
+        memsave.return_freed_host_memory()
     save_every = parse_save_every(cfg.save_every)
 
     # 2. Load, adapt, plan.
