@@ -113,11 +113,11 @@ def tiled_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     pieces = []
     for start in range(0, q_len, TILE_TOKENS):
         stop = min(q_len, start + TILE_TOKENS)
-        first, keys = _first_key(offset + start, window), offset + stop  # no key after the tile's last query
-        mask = None if attention_mask is None else attention_mask[:, :, start:stop, first:keys]
-        positions = position_ids[:, first:keys] if packed else None  # kept by every layer's tiles: the step's own
-        args = (query[:, :, start:stop], key[:, :, first:keys], value[:, :, first:keys], mask, positions,
-                offset + start - first)
+        key0, keys = _first_key(offset + start, window), offset + stop  # no key after the tile's last query
+        mask = None if attention_mask is None else attention_mask[:, :, start:stop, key0:keys]
+        positions = position_ids[:, key0:keys] if packed else None  # kept by every layer's tiles: the step's own
+        args = (query[:, :, start:stop], key[:, :, key0:keys], value[:, :, key0:keys], mask, positions,
+                offset + start - key0)
         pieces.append(checkpoint(run, *args, use_reentrant=True) if grad else run(*args))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2).contiguous(), None
@@ -197,8 +197,8 @@ def sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
                 out[row:row + 1, start:stop] = piece.transpose(1, 2)
                 continue
             for t0 in range(start, stop, TILE_TOKENS):
-                t1, first = min(stop, t0 + TILE_TOKENS), _first_key(t0, window, start)
-                args = (q[:, :, t0:t1], k[:, :, first:t1], v[:, :, first:t1], t0 - first)
+                t1, key0 = min(stop, t0 + TILE_TOKENS), _first_key(t0, window, start)
+                args = (q[:, :, t0:t1], k[:, :, key0:t1], v[:, :, key0:t1], t0 - key0)
                 piece = checkpoint(tile, *args, use_reentrant=True) if grad else tile(*args)
                 out[row:row + 1, t0:t1] = piece.transpose(1, 2)
     return out, None
